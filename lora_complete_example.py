@@ -1,0 +1,630 @@
+"""
+LoRA fine-tuning of Stable Diffusion, end to end, in one readable file.
+
+It loads Stable Diffusion, freezes all of it, adds small trainable low-rank matrices (LoRA) to the
+UNet's attention projections, trains them with the denoising objective, saves them as one small
+safetensors file that diffusers loads, and renders a test image from base model + LoRA.
+
+Usage (every constant below can be overridden as --NAME=value, spelled exactly like the constant):
+
+    # offline demo on a CPU, ~1 minute: a tiny random-weight SD-shaped model (its image is noise)
+    python lora_complete_example.py --DEMO=True
+
+    # the real run: downloads SD1.5 and the Naruto captions dataset, trains on the visible GPU
+    python lora_complete_example.py
+
+    # pick the GPU, your own images (a folder with metadata.jsonl or .txt captions), other knobs
+    CUDA_VISIBLE_DEVICES=1 python lora_complete_example.py --DATA_DIR=./my_images --LORA_RANK=8
+
+    # several GPUs, data-parallel
+    accelerate launch --multi_gpu --num_processes 2 lora_complete_example.py
+
+Writes OUTPUT_DIR/pytorch_lora_weights.safetensors (the adapter, in diffusers' format, with its
+rank/alpha metadata), OUTPUT_DIR/training_config.json and OUTPUT_DIR/test_generation.png.
+The numbered sections follow diffusion_lora_finetuning_tutorial.md chapter 4.
+"""
+import gc
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.nn.functional import mse_loss
+
+from lora_tools.config import Config, UserError, parse_overrides
+from lora_tools.files import atomic_path, atomic_write_text
+
+# =============================================================================
+# 1. Configuration
+# =============================================================================
+# model
+MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, or a local folder in diffusers layout
+REVISION = None  # hub branch/tag/commit of MODEL_ID; None = main
+# data
+DATASET_NAME = "lambdalabs/naruto-blip-captions"  # hub dataset with an image and a caption column
+DATA_DIR = None  # local folder (imagefolder with metadata.jsonl/.csv, or images + same-name .txt); wins over DATASET_NAME
+IMAGE_COLUMN = None  # column holding the images; None = guess ("image", ...)
+CAPTION_COLUMN = None  # column holding the captions; None = guess ("text", "caption", ...)
+MAX_TRAIN_SAMPLES = None  # use only the first N images (quick experiments); None = all
+RESOLUTION = 512  # training size in pixels, a multiple of 8 (SD1.5 was trained at 512)
+CENTER_CROP = True  # True = center crop after resizing; False = random crop (needs CACHE_LATENTS=False)
+RANDOM_FLIP = True  # random horizontal flips (a cheap 2x augmentation)
+CACHE_LATENTS = True  # encode every image and caption once, before training (the encoders are frozen)
+DATALOADER_NUM_WORKERS = None  # worker processes for image decoding; None = 0 with the cache, else min(4, cores - 1)
+# lora
+LORA_RANK = 4  # r: rank of B·A; 4-16 is typical, higher = more capacity and a bigger file
+LORA_ALPHA = 4  # α: the update is scaled by α/r; α = r is a neutral start
+LORA_DROPOUT = 0.0  # dropout on the LoRA branch's input; 0.05-0.1 against overfitting on few images
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # UNet attention projections that get adapters
+# optimisation
+LEARNING_RATE = 1e-4  # AdamW step size for the LoRA weights (LoRA tolerates ~100x full fine-tuning's)
+BATCH_SIZE = 1  # images per GPU per forward pass
+GRADIENT_ACCUMULATION_STEPS = 4  # forward passes per optimizer step; effective batch = BATCH_SIZE x this x GPUs
+NUM_EPOCHS = 10  # passes over the data (ignored when MAX_TRAIN_STEPS is set)
+MAX_TRAIN_STEPS = None  # optimizer steps in total; None = NUM_EPOCHS worth; when set it wins
+LR_SCHEDULER = "constant"  # constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial
+LR_WARMUP_STEPS = 0  # optimizer steps of linear warm-up from 0 to LEARNING_RATE
+MAX_GRAD_NORM = 1.0  # clip the LoRA gradients' global L2 norm to this; None = no clipping
+ADAM_WEIGHT_DECAY = 1e-2  # AdamW decoupled weight decay
+MIXED_PRECISION = "auto"  # auto | no | fp16 | bf16; auto = bf16 where the GPU has it, else fp16; fp32 on a CPU
+ALLOW_TF32 = True  # TF32 tensor cores for fp32 matmuls on Ampere+ GPUs (~3x faster, ~1e-3 relative error)
+VAE_FP32 = False  # keep the VAE in fp32 under fp16 (the SD VAE can overflow to NaN in fp16)
+GRADIENT_CHECKPOINTING = False  # recompute UNet activations in backward: much less memory, ~30% slower
+USE_8BIT_ADAM = False  # bitsandbytes 8-bit AdamW states (pip install bitsandbytes; GPU only)
+COMPILE = False  # torch.compile the UNet (slow first step, faster after)
+SEED = 42  # seeds data order, noise, timesteps, LoRA init and the test image
+LOG_EVERY = 10  # read the loss back from the GPU every N optimizer steps (each read is a sync)
+# output
+OUTPUT_DIR = "my_lora_model"  # where the adapter, config and test image go
+VALIDATION_PROMPT = "a man with blue eyes, in the style of naruto"  # rendered after training
+NUM_INFERENCE_STEPS = 30  # denoising steps for the test image
+GUIDANCE_SCALE = 7.5  # classifier-free guidance for the test image
+DEMO = False  # True = offline demo: tiny random SD-shaped model and generated pictures (see below)
+
+CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]  # everything above, in order
+
+# DEMO=True swaps in these values (any you also give on the command line win). The training code
+# below has no demo branches: the demo is a real run on a tiny model built from configs.
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".demo_cache")
+demo_settings = dict(
+    MODEL_ID=os.path.join(DEMO_DIR, "tiny-sd-pipeline"),
+    DATA_DIR=os.path.join(DEMO_DIR, "shapes-dataset"),
+    RESOLUTION=64,
+    BATCH_SIZE=4,
+    GRADIENT_ACCUMULATION_STEPS=1,
+    MAX_TRAIN_STEPS=60,
+    LEARNING_RATE=1e-3,
+    LR_WARMUP_STEPS=0,
+    LOG_EVERY=5,
+    NUM_INFERENCE_STEPS=10,
+    VALIDATION_PROMPT="a red circle on a blue background",
+)
+
+MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULER_CHOICES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def print0(*args, **kwargs):
+    """print on the main process only (accelerate sets RANK in each process it launches)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def resolve_config(argv, defaults=None):
+    """Defaults from the block above + DEMO values + --NAME=value overrides -> a frozen, checked Config."""
+    defaults = defaults or {k: globals()[k] for k in CONFIG_KEYS}
+    values = parse_overrides(argv, defaults, log=print0)
+    if values["DEMO"]:
+        given = {a[2:].split("=", 1)[0] for a in argv}
+        values.update({k: v for k, v in demo_settings.items() if k not in given})
+    check_config(values)
+    return Config(values)
+
+
+def check_config(c):
+    """Check every setting's value before any slow work. Raises UserError: what, why, how to fix."""
+
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+
+    def positive_int(name, minimum=1):
+        need(isinstance(c[name], int) and c[name] >= minimum, f"{name} must be an integer >= {minimum}, got {c[name]!r}")
+
+    for name in ("LORA_RANK", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_EPOCHS", "NUM_INFERENCE_STEPS", "LOG_EVERY"):
+        positive_int(name)
+    positive_int("LR_WARMUP_STEPS", minimum=0)
+    for name in ("MAX_TRAIN_STEPS", "MAX_TRAIN_SAMPLES"):
+        if c[name] is not None:
+            positive_int(name)
+    need(c["RESOLUTION"] >= 8 and c["RESOLUTION"] % 8 == 0,
+         f"RESOLUTION must be a positive multiple of 8 (the VAE downsamples by 8), got {c['RESOLUTION']} — try {max(8, round(c['RESOLUTION'] / 8) * 8)}")
+    need(c["LEARNING_RATE"] > 0, f"LEARNING_RATE must be > 0, got {c['LEARNING_RATE']} — try 1e-4")
+    need(c["LORA_ALPHA"] > 0, f"LORA_ALPHA must be > 0, got {c['LORA_ALPHA']} — α = LORA_RANK is a neutral choice")
+    need(0 <= c["LORA_DROPOUT"] < 1, f"LORA_DROPOUT must be in [0, 1), got {c['LORA_DROPOUT']}")
+    need(c["MAX_GRAD_NORM"] is None or (isinstance(c["MAX_GRAD_NORM"], (int, float)) and c["MAX_GRAD_NORM"] > 0),
+         f"MAX_GRAD_NORM must be > 0 or None (no clipping), got {c['MAX_GRAD_NORM']!r}")
+    need(c["MIXED_PRECISION"] in MIXED_PRECISION_CHOICES, f"MIXED_PRECISION must be one of {MIXED_PRECISION_CHOICES}, got {c['MIXED_PRECISION']!r}")
+    need(c["LR_SCHEDULER"] in LR_SCHEDULER_CHOICES, f"LR_SCHEDULER must be one of {LR_SCHEDULER_CHOICES}, got {c['LR_SCHEDULER']!r}")
+    need(len(c["TARGET_MODULES"]) > 0 and all(isinstance(m, str) for m in c["TARGET_MODULES"]),
+         f"TARGET_MODULES must be a non-empty list of module names, got {c['TARGET_MODULES']!r} — e.g. --TARGET_MODULES=to_q,to_v")
+    need(c["NUM_INFERENCE_STEPS"] >= 1 and c["GUIDANCE_SCALE"] >= 0, f"GUIDANCE_SCALE must be >= 0, got {c['GUIDANCE_SCALE']}")
+    need(c["CENTER_CROP"] or not c["CACHE_LATENTS"],
+         "CENTER_CROP=False (random crops) cannot use the latent cache, which stores one crop per image — "
+         "set --CENTER_CROP=True (fast) or --CACHE_LATENTS=False (encodes every step, slower)")
+    for name in ("DATA_DIR", "IMAGE_COLUMN", "CAPTION_COLUMN", "REVISION", "DATALOADER_NUM_WORKERS"):
+        need(c[name] is None or isinstance(c[name], (str, int) if name == "DATALOADER_NUM_WORKERS" else str),
+             f"{name} has the wrong type: {c[name]!r}")
+    need(bool(c["OUTPUT_DIR"]), "OUTPUT_DIR must not be empty")
+
+
+def resolve_mixed_precision(requested, cuda):
+    """'auto' -> what this machine does well; refuse what it cannot do at all."""
+    if not cuda:
+        if requested == "fp16":
+            raise UserError("MIXED_PRECISION='fp16' needs a CUDA GPU and none is visible — use --MIXED_PRECISION=no (or bf16) on a CPU")
+        return "no" if requested == "auto" else requested
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"MIXED_PRECISION='bf16' is not supported by {torch.cuda.get_device_name()} — use --MIXED_PRECISION=fp16")
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return requested
+
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# =============================================================================
+# 2. Load the pretrained model and freeze it
+# =============================================================================
+def load_models(cfg, weight_dtype, vae_dtype):
+    """The five parts of Stable Diffusion (Rombach et al. 2022, LDM Sec. 3): tokenizer + CLIP text
+    encoder τθ(y), VAE encoder/decoder E/D (x -> z, 8x smaller), UNet εθ(z_t, t, τθ(y)), noise schedule."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(revision=cfg.REVISION)
+    tokenizer = CLIPTokenizer.from_pretrained(cfg.MODEL_ID, subfolder="tokenizer", **kw)
+    # frozen weights are loaded straight into the mixed-precision dtype (half the memory of fp32)
+    text_encoder = CLIPTextModel.from_pretrained(cfg.MODEL_ID, subfolder="text_encoder", dtype=weight_dtype, **kw)
+    vae = AutoencoderKL.from_pretrained(cfg.MODEL_ID, subfolder="vae", dtype=vae_dtype, **kw)
+    unet = UNet2DConditionModel.from_pretrained(cfg.MODEL_ID, subfolder="unet", dtype=weight_dtype, **kw)
+    # Training always uses the DDPM forward process, whatever sampler the checkpoint ships for inference.
+    noise_scheduler = DDPMScheduler.from_pretrained(cfg.MODEL_ID, subfolder="scheduler", **kw)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def freeze(*models):
+    """W0 stays fixed (Hu et al. 2021, Sec. 4.1): no gradients, no optimizer state, no change."""
+    for m in models:
+        m.requires_grad_(False)
+        m.eval()  # no dropout in the frozen parts
+
+
+def count_params(model, trainable=None):
+    return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
+
+
+# =============================================================================
+# 3. Add LoRA adapters (Hu et al. 2021, Sec. 4.1, Eq. 3)
+# =============================================================================
+def lora_config_from(cfg):
+    from peft import LoraConfig
+
+    # "gaussian": A ~ N(0, 1/r), B = 0, so ΔW = B·A = 0 and the adapted model starts exactly at W0.
+    return LoraConfig(r=cfg.LORA_RANK, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
+                      init_lora_weights="gaussian", target_modules=list(cfg.TARGET_MODULES))
+
+
+def add_lora(unet, cfg):
+    """Wrap each target Linear W0 (d_out x d_in) with B (d_out x r) · A (r x d_in):
+    h = W0·x + (α/r)·B·A·x. Only A and B train; they are kept in fp32 whatever the frozen dtype."""
+    unet.add_adapter(lora_config_from(cfg))  # PEFT injection, through diffusers' adapter API
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 master weights: bf16 has 8 bits of mantissa, too few for small updates
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+# =============================================================================
+# 4. Data: captioned images -> pixels and tokens -> (cached) latents and text embeddings
+# =============================================================================
+def load_captioned_images(cfg):
+    """(images, captions): images is a sequence of file paths or PIL images, captions a list of str."""
+    from lora_tools.data import CAPTION_COLUMN_GUESSES, IMAGE_COLUMN_GUESSES, HubImages, pick_column, read_folder
+
+    if cfg.DATA_DIR is not None:
+        records = read_folder(cfg.DATA_DIR, cfg.CAPTION_COLUMN)
+        images, captions = [r[0] for r in records], [r[1] for r in records]
+    else:
+        from datasets import load_dataset
+
+        ds = load_dataset(cfg.DATASET_NAME, split="train")
+        image_col = pick_column(ds.column_names, cfg.IMAGE_COLUMN, IMAGE_COLUMN_GUESSES, "images", "IMAGE_COLUMN")
+        caption_col = pick_column(ds.column_names, cfg.CAPTION_COLUMN, CAPTION_COLUMN_GUESSES, "captions", "CAPTION_COLUMN")
+        images, captions = HubImages(ds, image_col), [str(c or "") for c in ds[caption_col]]
+    n = len(captions) if cfg.MAX_TRAIN_SAMPLES is None else min(cfg.MAX_TRAIN_SAMPLES, len(captions))
+    return [images[i] for i in range(n)], captions[:n]
+
+
+def tokenize(tokenizer, captions):
+    """Captions -> CLIP token ids, padded/truncated to the tokenizer's 77 positions. (N, 77)"""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Item i: pixels in [-1, 1] (3, R, R) and token ids (77,). Flips are decided here, per item."""
+
+    def __init__(self, images, input_ids, cfg, flip=None):
+        from torchvision import transforms
+
+        self.images, self.input_ids, self.flip = images, input_ids, cfg.RANDOM_FLIP if flip is None else flip
+        crop = transforms.CenterCrop(cfg.RESOLUTION) if cfg.CENTER_CROP else transforms.RandomCrop(cfg.RESOLUTION)
+        self.transform = transforms.Compose([
+            transforms.Resize(cfg.RESOLUTION, interpolation=transforms.InterpolationMode.BILINEAR),  # short side -> R
+            crop,
+            transforms.ToTensor(),  # (3, R, R) in [0, 1]
+            transforms.Normalize([0.5], [0.5]),  # -> [-1, 1], the range the VAE was trained on
+        ])
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, i):
+        from lora_tools.data import open_image, to_rgb
+
+        img = self.images[i]
+        pixels = self.transform(open_image(img) if isinstance(img, str) else to_rgb(img))
+        if self.flip is True and torch.rand(()) < 0.5:
+            pixels = pixels.flip(-1)
+        return {"pixel_values": pixels, "input_ids": self.input_ids[i]}
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """Item i: the VAE posterior (mean, std) of image i (4, R/8, R/8), flipped or not, and its
+    caption's text embedding (77, d). Sampling z0 from the posterior still happens every step."""
+
+    def __init__(self, mean, std, text_emb, random_flip):
+        self.mean, self.std, self.text_emb, self.random_flip = mean, std, text_emb, random_flip  # mean: (N, 1|2, 4, h, w)
+
+    def __len__(self):
+        return len(self.text_emb)
+
+    def __getitem__(self, i):
+        k = int(torch.rand(()) < 0.5) if self.random_flip else 0  # orientation 1 is the mirrored image
+        return {"latent_mean": self.mean[i, k], "latent_std": self.std[i, k], "text_emb": self.text_emb[i]}
+
+
+@torch.no_grad()
+def encode_images(vae, pixels):
+    """E(x): pixels (B, 3, R, R) -> posterior mean and std, each (B, 4, R/8, R/8)."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+@torch.no_grad()
+def encode_text(text_encoder, input_ids):
+    """τθ(y): token ids (B, 77) -> last hidden states (B, 77, d), what SD's cross-attention reads."""
+    return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
+
+
+@torch.no_grad()
+def cache_latents(dataset, vae, text_encoder, cfg, show_progress=True):
+    """Run the frozen encoders once over the data (both orientations when RANDOM_FLIP)."""
+    from tqdm.auto import tqdm
+
+    unflipped = CaptionedImages(dataset.images, dataset.input_ids, cfg, flip=False)
+    loader = torch.utils.data.DataLoader(unflipped, batch_size=max(cfg.BATCH_SIZE, 8),
+                                         num_workers=min(4, max(0, (os.cpu_count() or 1) - 1)))
+    means, stds, embs = [], [], []
+    for batch in tqdm(loader, desc="caching latents", disable=not show_progress):
+        px = batch["pixel_values"]
+        views = [px, px.flip(-1)] if cfg.RANDOM_FLIP else [px]
+        moments = [encode_images(vae, v) for v in views]
+        means.append(torch.stack([m for m, _ in moments], 1).cpu())  # (B, views, 4, h, w)
+        stds.append(torch.stack([s for _, s in moments], 1).cpu())
+        embs.append(encode_text(text_encoder, batch["input_ids"]).cpu())  # (B, 77, d)
+    pin = torch.cuda.is_available()
+    mean, std, emb = (torch.cat(t) for t in (means, stds, embs))
+    if pin:
+        mean, std, emb = mean.pin_memory(), std.pin_memory(), emb.pin_memory()
+    return CachedLatents(mean, std, emb, cfg.RANDOM_FLIP)
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A fresh permutation per epoch that is a pure function of (seed, epoch), so a resumed run
+    replays exactly the same order without saving any sampler state."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+# =============================================================================
+# 5. The training loop (DDPM, Ho et al. 2020, Algorithm 1 and Eq. 14, in latent space)
+# =============================================================================
+def compute_loss(batch, unet, vae, text_encoder, noise_scheduler):
+    """One denoising-loss evaluation: batch -> z0, c -> noise -> z_t -> prediction -> MSE."""
+    if "pixel_values" in batch:  # no cache: run the frozen encoders now (what most trainers do every step)
+        mean, std = encode_images(vae, batch["pixel_values"])
+        text_emb = encode_text(text_encoder, batch["input_ids"])
+    else:
+        mean, std, text_emb = batch["latent_mean"], batch["latent_std"], batch["text_emb"]
+    # z0 ~ E(x), scaled to unit variance (LDM Sec. 3.1); (B, 4, R/8, R/8)
+    latents = (mean.float() + std.float() * torch.randn_like(mean, dtype=torch.float32)) * vae.config.scaling_factor
+    noise = torch.randn_like(latents)  # ε ~ N(0, I)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    # DDPM Eq. (4): z_t = √ᾱ_t·z0 + √(1-ᾱ_t)·ε
+    noisy_latents = noise_scheduler.add_noise(latents, noise, t)
+    model_pred = unet(noisy_latents, t, text_emb, return_dict=False)[0]  # εθ(z_t, t, τθ(y)); (B, 4, R/8, R/8)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise  # DDPM Eq. (14): ‖ε − εθ(z_t, t)‖²
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)  # v = √ᾱ_t·ε − √(1-ᾱ_t)·z0
+    else:
+        raise UserError(f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
+    return mse_loss(model_pred.float(), target.float(), reduction="mean")  # in fp32 whatever the autocast
+
+
+# =============================================================================
+# 6. Save the adapter, then check that the file is the model we trained
+# =============================================================================
+def lora_state_dict(unet):
+    """The LoRA tensors under diffusers' key names ('unet.' prefix), fp32, on the CPU."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+
+
+def lora_file_metadata(unet, cfg):
+    """safetensors metadata: diffusers reads 'lora_adapter_metadata' (rank, alpha, targets) to
+    rebuild the adapter at the trained strength; 'training_config' records how it was made."""
+    lora_meta = unet.peft_config["default"].to_dict()
+    lora_meta = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in lora_meta.items()}
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(lora_meta, sort_keys=True, default=str),
+            "training_config": cfg.to_json()}
+
+
+def save_lora(path, unet, cfg):
+    from safetensors.torch import save_file
+
+    tensors = lora_state_dict(unet)
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:  # never replace good weights with broken ones
+        raise FloatingPointError(f"{len(bad)} LoRA tensors hold NaN/inf (e.g. {bad[0]}); {path} was not written")
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=lora_file_metadata(unet, cfg))
+    return sum(v.numel() for v in tensors.values())
+
+
+def fixed_unet_input(unet, resolution, device, seed=1234):
+    g = torch.Generator().manual_seed(seed)
+    h = resolution // 8
+    z = torch.randn(1, unet.config.in_channels, h, h, generator=g)
+    c = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([500])
+    return z.to(device), t.to(device), c.to(device)
+
+
+@torch.no_grad()
+def check_saved_lora(unet, path, cfg, autocast):
+    """Reload the file the way diffusers does (load_lora_adapter reads the alpha metadata) into the
+    same frozen base, and compare with the trained adapter on one fixed input."""
+    z, t, c = fixed_unet_input(unet, cfg.RESOLUTION, unet.device)
+    with autocast():
+        y_trained = unet(z, t, c, return_dict=False)[0].float()
+        unet.disable_adapters()
+        y_base = unet(z, t, c, return_dict=False)[0].float()
+        unet.enable_adapters()
+        unet.load_lora_adapter(path, prefix="unet", adapter_name="reloaded")
+        unet.set_adapter("reloaded")
+        y_reloaded = unet(z, t, c, return_dict=False)[0].float()
+    unet.delete_adapters("reloaded")
+    unet.set_adapter("default")
+    diff = (y_reloaded - y_trained).abs().max().item()
+    effect = (y_trained - y_base).abs().max().item()
+    tolerance = (1e-5 if unet.dtype == torch.float32 else 1e-2) * max(1.0, y_trained.abs().max().item())
+    return diff, effect, tolerance
+
+
+# =============================================================================
+# 7. Load base + LoRA as any user would, and generate
+# =============================================================================
+def generate_image(cfg, weights_dir, dtype, device):
+    """StableDiffusionPipeline.from_pretrained + load_lora_weights: plain diffusers, nothing of ours."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.MODEL_ID, revision=cfg.REVISION, dtype=dtype,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(weights_dir, weight_name=WEIGHTS_NAME)
+    pipe.to(device)
+    pipe.set_progress_bar_config(desc="generating")
+    generator = torch.Generator().manual_seed(cfg.SEED)  # CPU generator: the same noise on any device
+    return pipe(cfg.VALIDATION_PROMPT, height=cfg.RESOLUTION, width=cfg.RESOLUTION, generator=generator,
+                num_inference_steps=cfg.NUM_INFERENCE_STEPS, guidance_scale=cfg.GUIDANCE_SCALE).images[0]
+
+
+# =============================================================================
+# The run: sections 1-7 in order
+# =============================================================================
+def main(argv):
+    # --- 1. configuration -------------------------------------------------------
+    cfg = resolve_config(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cuda = torch.cuda.is_available()
+    mixed_precision = resolve_mixed_precision(cfg.MIXED_PRECISION, cuda)
+    weight_dtype = DTYPES[mixed_precision]  # dtype of every frozen weight
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda,
+                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS)
+    device = accelerator.device
+    if not cuda:
+        print0("no CUDA GPU visible: training on the CPU in fp32 — fine for --DEMO=True, far too slow for SD1.5")
+    if accelerator.is_main_process:  # fail now, not after hours of training, if OUTPUT_DIR is not writable
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "training_config.json"), cfg.to_json() + "\n")
+    print0(f"config written to {os.path.join(cfg.OUTPUT_DIR, 'training_config.json')}")
+    if cfg.DEMO:
+        from lora_tools.demo import build_tiny_dataset, build_tiny_pipeline
+
+        with accelerator.main_process_first():  # built once, then every process reads it
+            build_tiny_pipeline(demo_settings["MODEL_ID"])
+            build_tiny_dataset(demo_settings["DATA_DIR"])
+        print0("DEMO: a tiny Stable-Diffusion-shaped model with random weights; its test image will be noise")
+    if cuda and cfg.ALLOW_TF32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(cfg.SEED)
+
+    # --- 2. load and freeze -----------------------------------------------------
+    vae_dtype = torch.float32 if cfg.VAE_FP32 else weight_dtype
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(cfg, weight_dtype, vae_dtype)
+    freeze(text_encoder, vae, unet)
+    base_params = count_params(unet)
+    for model in (text_encoder, vae, unet):
+        model.to(device)
+
+    # --- 3. add LoRA ------------------------------------------------------------
+    lora_params = add_lora(unet, cfg)
+    trainable = sum(p.numel() for p in lora_params)
+    print0(f"LoRA r={cfg.LORA_RANK}, α={cfg.LORA_ALPHA} (scale α/r = {cfg.LORA_ALPHA / cfg.LORA_RANK:g}) on {cfg.TARGET_MODULES}")
+    print0(f"trainable LoRA parameters: {trainable:,} = {100 * trainable / base_params:.3f}% of the UNet's {base_params:,} (frozen, {weight_dtype}); LoRA in fp32")
+    if cfg.GRADIENT_CHECKPOINTING:
+        unet.enable_gradient_checkpointing()
+
+    # --- 4. data ----------------------------------------------------------------
+    images, captions = load_captioned_images(cfg)
+    dataset = CaptionedImages(images, tokenize(tokenizer, captions), cfg)
+    if cfg.CACHE_LATENTS:
+        dataset = cache_latents(dataset, vae, text_encoder, cfg, show_progress=accelerator.is_local_main_process)
+        vae.to("cpu"), text_encoder.to("cpu")  # frozen encoders are done: free the accelerator for the UNet
+        if cuda:
+            torch.cuda.empty_cache()
+    workers = cfg.DATALOADER_NUM_WORKERS
+    if workers is None:
+        workers = 0 if cfg.CACHE_LATENTS else min(4, max(0, (os.cpu_count() or 1) - 1))
+    sampler = EpochShuffle(len(dataset), cfg.SEED)
+    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=sampler,
+                                                   num_workers=workers, pin_memory=cuda, drop_last=False)
+
+    # --- 5. optimizer, schedule, training loop ----------------------------------
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(lora_params, lr=cfg.LEARNING_RATE, weight_decay=cfg.ADAM_WEIGHT_DECAY, fused=cuda)
+    if cfg.COMPILE:
+        unet = torch.compile(unet)
+    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    steps_per_epoch = math.ceil(len(train_dataloader) / cfg.GRADIENT_ACCUMULATION_STEPS)
+    max_train_steps = cfg.MAX_TRAIN_STEPS or cfg.NUM_EPOCHS * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer=optimizer, num_warmup_steps=cfg.LR_WARMUP_STEPS,
+                                 num_training_steps=max_train_steps)  # stepped once per optimizer step, below
+    effective_batch = cfg.BATCH_SIZE * cfg.GRADIENT_ACCUMULATION_STEPS * accelerator.num_processes
+    print0(f"{len(dataset)} images at {cfg.RESOLUTION}px (latents 4x{cfg.RESOLUTION // 8}x{cfg.RESOLUTION // 8}) | "
+           f"effective batch {effective_batch} = {cfg.BATCH_SIZE} x {cfg.GRADIENT_ACCUMULATION_STEPS} accumulation x {accelerator.num_processes} process(es) | "
+           f"{steps_per_epoch} steps/epoch, {max_train_steps} steps, {num_epochs} epochs | mixed precision: {mixed_precision} | "
+           f"{'cached latents' if cfg.CACHE_LATENTS else 'encoding every step'}")
+
+    from tqdm.auto import tqdm
+
+    global_step, running_loss, running_count = 0, torch.zeros((), device=device), 0
+    progress = tqdm(total=max_train_steps, desc="training", disable=not accelerator.is_local_main_process)
+    unet.train()
+    t_start = time.time()
+    for epoch in range(num_epochs):
+        sampler.set_epoch(epoch)
+        for batch in train_dataloader:
+            with accelerator.accumulate(unet):
+                # get batch -> noise -> predict -> loss (section 5 math in compute_loss)
+                loss = compute_loss(batch, unet, vae, text_encoder, noise_scheduler)
+                # backward (mixed precision: accelerate scales fp16 losses)
+                accelerator.backward(loss)
+                # clip: the list of LoRA tensors, not a generator that the first use exhausts
+                if accelerator.sync_gradients and cfg.MAX_GRAD_NORM is not None:
+                    accelerator.clip_grad_norm_(lora_params, cfg.MAX_GRAD_NORM)
+                # step (accelerate skips it until the last accumulation micro-batch)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.detach()
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            global_step += 1
+            progress.update(1)
+            # log: one device->host read every LOG_EVERY steps, not one per step
+            if global_step % cfg.LOG_EVERY == 0 or global_step == max_train_steps:
+                loss_value = (running_loss / running_count).item()
+                running_loss.zero_(), (running_count := 0)
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"the loss became {loss_value} at step {global_step}: lower LEARNING_RATE, "
+                                             "use bf16 or fp32, or --VAE_FP32=True; no weights were written")
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+    print0(f"trained {global_step} steps in {time.time() - t_start:.1f}s")
+
+    # --- 6. save and check ------------------------------------------------------
+    accelerator.wait_for_everyone()
+    unet = accelerator.unwrap_model(unet)
+    weights_path = os.path.join(cfg.OUTPUT_DIR, WEIGHTS_NAME)
+    if accelerator.is_main_process:
+        n = save_lora(weights_path, unet, cfg)
+        print0(f"saved {n:,} LoRA parameters to {weights_path} ({os.path.getsize(weights_path) / 1e6:.2f} MB)")
+        diff, effect, tolerance = check_saved_lora(unet, weights_path, cfg, accelerator.autocast)
+        print0(f"reload check: saved file vs trained model, max |Δoutput| = {diff:.2e} (LoRA's own effect {effect:.2e})")
+        if diff > tolerance:
+            raise RuntimeError(f"the saved LoRA does not reproduce the trained model (max difference {diff:.3g} > {tolerance:.3g})")
+
+    # --- 7. load base + LoRA and generate ----------------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        del unet, vae, text_encoder, optimizer, train_dataloader, dataset
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        image = generate_image(cfg, cfg.OUTPUT_DIR, weight_dtype, device)
+        image_path = os.path.join(cfg.OUTPUT_DIR, "test_generation.png")
+        with atomic_path(image_path) as tmp:
+            image.save(tmp, format="PNG")
+        print0(f"test image: {image_path} — reproduce it with plain diffusers:\n"
+               f"  pipe = StableDiffusionPipeline.from_pretrained({cfg.MODEL_ID!r}, safety_checker=None)\n"
+               f"  pipe.load_lora_weights({cfg.OUTPUT_DIR!r})\n"
+               f"  pipe({cfg.VALIDATION_PROMPT!r}, height={cfg.RESOLUTION}, width={cfg.RESOLUTION}, "
+               f"num_inference_steps={cfg.NUM_INFERENCE_STEPS}, guidance_scale={cfg.GUIDANCE_SCALE}, "
+               f"generator=torch.Generator().manual_seed({cfg.SEED})).images[0]")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        print("settings (defaults):")
+        for k in CONFIG_KEYS:
+            print(f"  --{k}={globals()[k]!r}")
+        sys.exit(0)
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,119 @@
+"""Reading captioned images: a local folder or a `datasets` dataset, real-world files included.
+
+`to_rgb` turns whatever PIL opened (grayscale, palette, RGBA, CMYK, 16-bit, EXIF-rotated) into the
+8-bit RGB picture a person would see. `read_folder` lists a folder's images with their captions
+(metadata.jsonl / metadata.csv as `datasets`' imagefolder reads them, or same-name .txt files).
+"""
+import csv
+import json
+import os
+import warnings
+
+from .config import UserError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_COLUMN_GUESSES = ("image", "img", "images", "file_name", "path")
+CAPTION_COLUMN_GUESSES = ("text", "caption", "captions", "prompt", "title", "description", "label")
+
+
+def to_rgb(img):
+    """Any PIL image -> 8-bit RGB, as it looks on screen."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)  # a phone photo's pixels are stored sideways; EXIF says how to turn them
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescale, don't clip at 255
+        a = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "RGBa", "PA"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":  # composite on white: convert("RGB") would show whatever hides under alpha = 0
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")
+
+
+def open_image(path):
+    """Open and fully decode one image file (so a truncated file fails here, not mid-training)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
+def _read_metadata(folder):
+    for name in ("metadata.jsonl", "metadata.csv"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            with open(path, encoding="utf-8", newline="") as f:
+                rows = list(csv.DictReader(f))
+        return path, rows
+    return None, None
+
+
+def pick_column(columns, wanted, guesses, what, setting):
+    """The column named `wanted`, or the first of `guesses` present; a clear error otherwise."""
+    if wanted is not None:
+        if wanted not in columns:
+            raise UserError(f"{setting}={wanted!r} is not a column of the data; the columns are {sorted(columns)} — set --{setting}=<one of them>")
+        return wanted
+    for g in guesses:
+        if g in columns:
+            return g
+    raise UserError(f"could not tell which column holds the {what}; the columns are {sorted(columns)} — set --{setting}=<one of them>")
+
+
+def read_folder(folder, caption_column=None):
+    """[(image_path, caption)] for a local folder, sorted by path. Non-image files are ignored."""
+    if not os.path.isdir(folder):
+        raise UserError(f"DATA_DIR={folder!r} is not a folder — point --DATA_DIR at a folder of images")
+    meta_path, rows = _read_metadata(folder)
+    captions = {}
+    if rows is not None:
+        columns = set().union(*(r.keys() for r in rows)) if rows else set()
+        if "file_name" not in columns:
+            raise UserError(f"{meta_path} has no 'file_name' column (it has {sorted(columns)}); imagefolder metadata names each image in 'file_name'")
+        cap_col = pick_column(columns - {"file_name"}, caption_column, CAPTION_COLUMN_GUESSES, "captions", "CAPTION_COLUMN")
+        for r in rows:
+            captions[os.path.normpath(os.path.join(folder, r["file_name"]))] = str(r.get(cap_col) or "")
+    records = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.normpath(os.path.join(root, name))
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            if path in captions:
+                caption = captions[path]
+            else:
+                txt = os.path.splitext(path)[0] + ".txt"
+                caption = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else None
+            if not caption:
+                warnings.warn(f"no caption for {path}: training it with an empty caption", stacklevel=2)
+                caption = ""
+            records.append((path, caption))
+    records.sort()
+    if not records:
+        raise UserError(f"DATA_DIR={folder!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) — check the path")
+    return records
+
+
+class HubImages:
+    """Lazy view of a `datasets` dataset's image column: decodes one row at a time."""
+
+    def __init__(self, dataset, column):
+        self.dataset, self.column = dataset, column
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[int(i)][self.column]
