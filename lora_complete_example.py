@@ -76,6 +76,10 @@ USE_8BIT_ADAM = False  # bitsandbytes 8-bit AdamW states (pip install bitsandbyt
 COMPILE = False  # torch.compile the UNet (slow first step, faster after)
 SEED = 42  # seeds data order, noise, timesteps, LoRA init and the test image
 LOG_EVERY = 10  # read the loss back from the GPU every N optimizer steps (each read is a sync)
+# checkpoints
+CHECKPOINTING_STEPS = 500  # save a resumable OUTPUT_DIR/checkpoint-<step>/ every N optimizer steps; None = never
+CHECKPOINTS_TOTAL_LIMIT = None  # keep only the newest N checkpoints; None = keep all
+RESUME_FROM = None  # "latest" (newest checkpoint in OUTPUT_DIR) or a checkpoint-<step> folder; None = fresh start
 # output
 OUTPUT_DIR = "my_lora_model"  # where the adapter, config and test image go
 VALIDATION_PROMPT = "a man with blue eyes, in the style of naruto"  # rendered after training
@@ -131,34 +135,64 @@ def check_config(c):
         if not ok:
             raise UserError(message)
 
-    def positive_int(name, minimum=1):
-        need(isinstance(c[name], int) and c[name] >= minimum, f"{name} must be an integer >= {minimum}, got {c[name]!r}")
+    def number(name, low, kind=(int, float), strict=False, none_ok=False):
+        v = c[name]
+        if v is None and none_ok:
+            return
+        ok = isinstance(v, kind) and not isinstance(v, bool) and (v > low if strict else v >= low)
+        what = "an integer" if kind is int else "a number"
+        need(ok, f"{name} must be {what} {'>' if strict else '>='} {low}{' or None' if none_ok else ''}, got {v!r}")
 
     for name in ("LORA_RANK", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_EPOCHS", "NUM_INFERENCE_STEPS", "LOG_EVERY"):
-        positive_int(name)
-    positive_int("LR_WARMUP_STEPS", minimum=0)
-    for name in ("MAX_TRAIN_STEPS", "MAX_TRAIN_SAMPLES"):
-        if c[name] is not None:
-            positive_int(name)
-    need(c["RESOLUTION"] >= 8 and c["RESOLUTION"] % 8 == 0,
-         f"RESOLUTION must be a positive multiple of 8 (the VAE downsamples by 8), got {c['RESOLUTION']} — try {max(8, round(c['RESOLUTION'] / 8) * 8)}")
-    need(c["LEARNING_RATE"] > 0, f"LEARNING_RATE must be > 0, got {c['LEARNING_RATE']} — try 1e-4")
-    need(c["LORA_ALPHA"] > 0, f"LORA_ALPHA must be > 0, got {c['LORA_ALPHA']} — α = LORA_RANK is a neutral choice")
-    need(0 <= c["LORA_DROPOUT"] < 1, f"LORA_DROPOUT must be in [0, 1), got {c['LORA_DROPOUT']}")
-    need(c["MAX_GRAD_NORM"] is None or (isinstance(c["MAX_GRAD_NORM"], (int, float)) and c["MAX_GRAD_NORM"] > 0),
-         f"MAX_GRAD_NORM must be > 0 or None (no clipping), got {c['MAX_GRAD_NORM']!r}")
+        number(name, 1, int)
+    number("LR_WARMUP_STEPS", 0, int)
+    for name in ("MAX_TRAIN_STEPS", "MAX_TRAIN_SAMPLES", "CHECKPOINTING_STEPS", "CHECKPOINTS_TOTAL_LIMIT"):
+        number(name, 1, int, none_ok=True)
+    number("DATALOADER_NUM_WORKERS", 0, int, none_ok=True)
+    number("RESOLUTION", 8, int)
+    need(c["RESOLUTION"] % 8 == 0,
+         f"RESOLUTION must be a positive multiple of 8 (the VAE downsamples by 8), got {c['RESOLUTION']} — try {max(64, round(c['RESOLUTION'] / 64) * 64)}")
+    number("LEARNING_RATE", 0, strict=True)
+    number("LORA_ALPHA", 0, strict=True)
+    number("LORA_DROPOUT", 0)
+    need(c["LORA_DROPOUT"] < 1, f"LORA_DROPOUT must be in [0, 1), got {c['LORA_DROPOUT']}")
+    number("ADAM_WEIGHT_DECAY", 0)
+    number("GUIDANCE_SCALE", 0)
+    number("MAX_GRAD_NORM", 0, strict=True, none_ok=True)
+    need(isinstance(c["SEED"], int), f"SEED must be an integer, got {c['SEED']!r}")
     need(c["MIXED_PRECISION"] in MIXED_PRECISION_CHOICES, f"MIXED_PRECISION must be one of {MIXED_PRECISION_CHOICES}, got {c['MIXED_PRECISION']!r}")
     need(c["LR_SCHEDULER"] in LR_SCHEDULER_CHOICES, f"LR_SCHEDULER must be one of {LR_SCHEDULER_CHOICES}, got {c['LR_SCHEDULER']!r}")
     need(len(c["TARGET_MODULES"]) > 0 and all(isinstance(m, str) for m in c["TARGET_MODULES"]),
          f"TARGET_MODULES must be a non-empty list of module names, got {c['TARGET_MODULES']!r} — e.g. --TARGET_MODULES=to_q,to_v")
-    need(c["NUM_INFERENCE_STEPS"] >= 1 and c["GUIDANCE_SCALE"] >= 0, f"GUIDANCE_SCALE must be >= 0, got {c['GUIDANCE_SCALE']}")
     need(c["CENTER_CROP"] or not c["CACHE_LATENTS"],
          "CENTER_CROP=False (random crops) cannot use the latent cache, which stores one crop per image — "
          "set --CENTER_CROP=True (fast) or --CACHE_LATENTS=False (encodes every step, slower)")
-    for name in ("DATA_DIR", "IMAGE_COLUMN", "CAPTION_COLUMN", "REVISION", "DATALOADER_NUM_WORKERS"):
-        need(c[name] is None or isinstance(c[name], (str, int) if name == "DATALOADER_NUM_WORKERS" else str),
-             f"{name} has the wrong type: {c[name]!r}")
+    for name in ("DATA_DIR", "IMAGE_COLUMN", "CAPTION_COLUMN", "REVISION", "RESUME_FROM"):
+        need(c[name] is None or isinstance(c[name], str), f"{name} must be text or None, got {c[name]!r}")
     need(bool(c["OUTPUT_DIR"]), "OUTPUT_DIR must not be empty")
+
+
+def check_paths(cfg):
+    """The local folders the run reads: checked before anything slow starts."""
+    if cfg.DATA_DIR is not None and not os.path.isdir(cfg.DATA_DIR):
+        raise UserError(f"DATA_DIR={cfg.DATA_DIR!r} does not exist or is not a folder — point --DATA_DIR at a folder of images")
+    name = cfg.MODEL_ID
+    looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") != 1
+    if (os.path.exists(name) or looks_local) and not os.path.isfile(os.path.join(name, "unet", "config.json")):
+        raise UserError(f"MODEL_ID={name!r} is not a diffusers-layout model folder (no unet/config.json there) — pass a folder "
+                        "with unet/, vae/, text_encoder/, tokenizer/, scheduler/, or a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def check_output_dir(path):
+    """Fail now, not after hours of training, if the results cannot be written."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"OUTPUT_DIR={path!r} is not writable ({e.strerror}) — pick another --OUTPUT_DIR or fix its permissions") from None
 
 
 def resolve_mixed_precision(requested, cuda):
@@ -187,14 +221,33 @@ def load_models(cfg, weight_dtype, vae_dtype):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = dict(revision=cfg.REVISION)
-    tokenizer = CLIPTokenizer.from_pretrained(cfg.MODEL_ID, subfolder="tokenizer", **kw)
-    # frozen weights are loaded straight into the mixed-precision dtype (half the memory of fp32)
-    text_encoder = CLIPTextModel.from_pretrained(cfg.MODEL_ID, subfolder="text_encoder", dtype=weight_dtype, **kw)
-    vae = AutoencoderKL.from_pretrained(cfg.MODEL_ID, subfolder="vae", dtype=vae_dtype, **kw)
-    unet = UNet2DConditionModel.from_pretrained(cfg.MODEL_ID, subfolder="unet", dtype=weight_dtype, **kw)
-    # Training always uses the DDPM forward process, whatever sampler the checkpoint ships for inference.
-    noise_scheduler = DDPMScheduler.from_pretrained(cfg.MODEL_ID, subfolder="scheduler", **kw)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(cfg.MODEL_ID, subfolder="tokenizer", **kw)
+        # frozen weights are loaded straight into the mixed-precision dtype (half the memory of fp32)
+        text_encoder = CLIPTextModel.from_pretrained(cfg.MODEL_ID, subfolder="text_encoder", dtype=weight_dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(cfg.MODEL_ID, subfolder="vae", dtype=vae_dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(cfg.MODEL_ID, subfolder="unet", dtype=weight_dtype, **kw)
+        # Training always uses the DDPM forward process, whatever sampler the checkpoint ships for inference.
+        noise_scheduler = DDPMScheduler.from_pretrained(cfg.MODEL_ID, subfolder="scheduler", **kw)
+    except OSError as e:  # huggingface_hub's not-found / offline / connection errors are OSErrors
+        raise UserError(explain_load_error("MODEL_ID", cfg.MODEL_ID, e)) from None
     return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def explain_load_error(setting, name, error):
+    """One line on why a hub download or local load failed, and what to do."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if os.path.isdir(name):
+        return f"{setting}={name!r}: could not load from this folder ({text})"
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return (f"{setting}={name!r} is not in the local hub cache and HF_HUB_OFFLINE=1 forbids downloading — "
+                f"unset HF_HUB_OFFLINE, or download it once and pass its local folder")
+    names = type(error).__name__ + " " + text
+    if any(k in names for k in ("RepositoryNotFound", "GatedRepo", "401", "403", "404")):
+        return (f"{setting}={name!r} was not found on the hub, or it is private/gated — check the spelling, accept "
+                f"its licence on the hub, and log in (huggingface-cli login or HF_TOKEN)")
+    return (f"{setting}={name!r} could not be fetched: the hub is unreachable ({text}) — check the network or proxy, "
+            f"or download it elsewhere and pass its local folder")
 
 
 def freeze(*models):
@@ -214,14 +267,25 @@ def count_params(model, trainable=None):
 def lora_config_from(cfg):
     from peft import LoraConfig
 
-    # "gaussian": A ~ N(0, 1/r), B = 0, so ΔW = B·A = 0 and the adapted model starts exactly at W0.
+    # "gaussian": A ~ N(0, σ = 1/r), B = 0, so ΔW = B·A = 0 and the adapted model starts exactly at W0.
     return LoraConfig(r=cfg.LORA_RANK, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
                       init_lora_weights="gaussian", target_modules=list(cfg.TARGET_MODULES))
+
+
+def check_target_modules(unet, targets):
+    """Each name in TARGET_MODULES must match a Linear layer of the UNet, or PEFT would train nothing there."""
+    linear = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        in_attention = sorted({n.split(".attn1.")[-1] for n in linear if ".attn1." in n})
+        raise UserError(f"TARGET_MODULES {missing} match no layer of the UNet; its attention projections are "
+                        f"{in_attention} — e.g. --TARGET_MODULES=to_q,to_k,to_v,to_out.0")
 
 
 def add_lora(unet, cfg):
     """Wrap each target Linear W0 (d_out x d_in) with B (d_out x r) · A (r x d_in):
     h = W0·x + (α/r)·B·A·x. Only A and B train; they are kept in fp32 whatever the frozen dtype."""
+    check_target_modules(unet, cfg.TARGET_MODULES)
     unet.add_adapter(lora_config_from(cfg))  # PEFT injection, through diffusers' adapter API
     for p in unet.parameters():
         if p.requires_grad:
@@ -232,9 +296,14 @@ def add_lora(unet, cfg):
 # =============================================================================
 # 4. Data: captioned images -> pixels and tokens -> (cached) latents and text embeddings
 # =============================================================================
-def load_captioned_images(cfg):
-    """(images, captions): images is a sequence of file paths or PIL images, captions a list of str."""
-    from lora_tools.data import CAPTION_COLUMN_GUESSES, IMAGE_COLUMN_GUESSES, HubImages, pick_column, read_folder
+def load_captioned_images(cfg, show_progress=True):
+    """(images, captions): images is a list of file paths or PIL images, captions a list of str.
+    Every image is decoded once here, so a broken file is skipped now, not hours into training."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from lora_tools.data import CAPTION_COLUMN_GUESSES, IMAGE_COLUMN_GUESSES, HubImages, open_image, pick_column, read_folder
 
     if cfg.DATA_DIR is not None:
         records = read_folder(cfg.DATA_DIR, cfg.CAPTION_COLUMN)
@@ -242,27 +311,52 @@ def load_captioned_images(cfg):
     else:
         from datasets import load_dataset
 
-        ds = load_dataset(cfg.DATASET_NAME, split="train")
+        try:
+            ds = load_dataset(cfg.DATASET_NAME, split="train")
+        except (OSError, ConnectionError) as e:
+            raise UserError(explain_load_error("DATASET_NAME", cfg.DATASET_NAME, e)) from None
         image_col = pick_column(ds.column_names, cfg.IMAGE_COLUMN, IMAGE_COLUMN_GUESSES, "images", "IMAGE_COLUMN")
         caption_col = pick_column(ds.column_names, cfg.CAPTION_COLUMN, CAPTION_COLUMN_GUESSES, "captions", "CAPTION_COLUMN")
         images, captions = HubImages(ds, image_col), [str(c or "") for c in ds[caption_col]]
     n = len(captions) if cfg.MAX_TRAIN_SAMPLES is None else min(cfg.MAX_TRAIN_SAMPLES, len(captions))
-    return [images[i] for i in range(n)], captions[:n]
+    kept, skipped = [], []
+    for i in tqdm(range(n), desc="checking images", disable=not show_progress):
+        try:
+            img = images[i]
+            open_image(img) if isinstance(img, str) else img.load()
+            kept.append(i)
+        except Exception as e:  # truncated, corrupt, or not an image at all: skip it, say which
+            name = images[i] if isinstance(images, list) else f"row {i} of {cfg.DATASET_NAME}"
+            skipped.append(name)
+            warnings.warn(f"skipping unreadable image {name}: {type(e).__name__}: {e}", stacklevel=2)
+    where = cfg.DATA_DIR or cfg.DATASET_NAME
+    if not kept:
+        raise UserError(f"none of the {n} images in {where!r} could be read — check the files (see the warnings above)")
+    if skipped:
+        print0(f"skipped {len(skipped)} unreadable image(s) of {n}; training on {len(kept)}")
+    return [images[i] for i in kept], [captions[i] for i in kept]
 
 
 def tokenize(tokenizer, captions):
     """Captions -> CLIP token ids, padded/truncated to the tokenizer's 77 positions. (N, 77)"""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    import warnings
+
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(captions, truncation=False).input_ids]
+    too_long = [c for c, n in zip(captions, lengths) if n > limit]
+    if too_long:
+        warnings.warn(f"{len(too_long)} caption(s) are longer than the text encoder's {limit} tokens and were cut "
+                      f"(e.g. {too_long[0][:60]!r}...)", stacklevel=2)
+    return tokenizer(captions, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Item i: pixels in [-1, 1] (3, R, R) and token ids (77,). Flips are decided here, per item."""
+    """Item (i, flip): pixels in [-1, 1] (3, R, R), mirrored if flip, and token ids (77,)."""
 
-    def __init__(self, images, input_ids, cfg, flip=None):
+    def __init__(self, images, input_ids, cfg):
         from torchvision import transforms
 
-        self.images, self.input_ids, self.flip = images, input_ids, cfg.RANDOM_FLIP if flip is None else flip
+        self.images, self.input_ids = images, input_ids
         crop = transforms.CenterCrop(cfg.RESOLUTION) if cfg.CENTER_CROP else transforms.RandomCrop(cfg.RESOLUTION)
         self.transform = transforms.Compose([
             transforms.Resize(cfg.RESOLUTION, interpolation=transforms.InterpolationMode.BILINEAR),  # short side -> R
@@ -274,28 +368,28 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.input_ids)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
         from lora_tools.data import open_image, to_rgb
 
+        i, flip = item if isinstance(item, tuple) else (item, False)
         img = self.images[i]
         pixels = self.transform(open_image(img) if isinstance(img, str) else to_rgb(img))
-        if self.flip is True and torch.rand(()) < 0.5:
-            pixels = pixels.flip(-1)
-        return {"pixel_values": pixels, "input_ids": self.input_ids[i]}
+        return {"pixel_values": pixels.flip(-1) if flip else pixels, "input_ids": self.input_ids[i]}
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    """Item i: the VAE posterior (mean, std) of image i (4, R/8, R/8), flipped or not, and its
-    caption's text embedding (77, d). Sampling z0 from the posterior still happens every step."""
+    """Item (i, flip): the VAE posterior (mean, std) of image i (4, R/8, R/8), of its mirror image if
+    flip, and its caption's text embedding (77, d). Sampling z0 from the posterior still happens every step."""
 
-    def __init__(self, mean, std, text_emb, random_flip):
-        self.mean, self.std, self.text_emb, self.random_flip = mean, std, text_emb, random_flip  # mean: (N, 1|2, 4, h, w)
+    def __init__(self, mean, std, text_emb):
+        self.mean, self.std, self.text_emb = mean, std, text_emb  # mean, std: (N, 1 or 2 orientations, 4, h, w)
 
     def __len__(self):
         return len(self.text_emb)
 
-    def __getitem__(self, i):
-        k = int(torch.rand(()) < 0.5) if self.random_flip else 0  # orientation 1 is the mirrored image
+    def __getitem__(self, item):
+        i, flip = item if isinstance(item, tuple) else (item, False)
+        k = int(flip)  # orientation 1 is the mirrored image
         return {"latent_mean": self.mean[i, k], "latent_std": self.std[i, k], "text_emb": self.text_emb[i]}
 
 
@@ -317,8 +411,7 @@ def cache_latents(dataset, vae, text_encoder, cfg, show_progress=True):
     """Run the frozen encoders once over the data (both orientations when RANDOM_FLIP)."""
     from tqdm.auto import tqdm
 
-    unflipped = CaptionedImages(dataset.images, dataset.input_ids, cfg, flip=False)
-    loader = torch.utils.data.DataLoader(unflipped, batch_size=max(cfg.BATCH_SIZE, 8),
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE,
                                          num_workers=min(4, max(0, (os.cpu_count() or 1) - 1)))
     means, stds, embs = [], [], []
     for batch in tqdm(loader, desc="caching latents", disable=not show_progress):
@@ -332,22 +425,24 @@ def cache_latents(dataset, vae, text_encoder, cfg, show_progress=True):
     mean, std, emb = (torch.cat(t) for t in (means, stds, embs))
     if pin:
         mean, std, emb = mean.pin_memory(), std.pin_memory(), emb.pin_memory()
-    return CachedLatents(mean, std, emb, cfg.RANDOM_FLIP)
+    return CachedLatents(mean, std, emb)
 
 
 class EpochShuffle(torch.utils.data.Sampler):
-    """A fresh permutation per epoch that is a pure function of (seed, epoch), so a resumed run
-    replays exactly the same order without saving any sampler state."""
+    """Yields (index, flip) pairs: a fresh permutation and fresh flips per epoch, both a pure function
+    of (seed, epoch), so a resumed run replays exactly the same data without saving sampler state."""
 
-    def __init__(self, n, seed):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n, seed, random_flip):
+        self.n, self.seed, self.random_flip, self.epoch = n, seed, random_flip, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        flips = (torch.rand(self.n, generator=g) < 0.5).tolist() if self.random_flip else [False] * self.n
+        return iter(zip(order, flips))
 
     def __len__(self):
         return self.n
@@ -356,15 +451,17 @@ class EpochShuffle(torch.utils.data.Sampler):
 # =============================================================================
 # 5. The training loop (DDPM, Ho et al. 2020, Algorithm 1 and Eq. 14, in latent space)
 # =============================================================================
-def compute_loss(batch, unet, vae, text_encoder, noise_scheduler):
-    """One denoising-loss evaluation: batch -> z0, c -> noise -> z_t -> prediction -> MSE."""
-    if "pixel_values" in batch:  # no cache: run the frozen encoders now (what most trainers do every step)
-        mean, std = encode_images(vae, batch["pixel_values"])
-        text_emb = encode_text(text_encoder, batch["input_ids"])
+def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_encoder=None):
+    """One denoising-loss evaluation: batch -> z0, c -> noise -> z_t -> prediction -> MSE.
+    A cached batch carries the encoders' outputs; otherwise the frozen encoders run now
+    (what most trainers do at every step, though their output never changes)."""
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"], batch["latent_std"]
     else:
-        mean, std, text_emb = batch["latent_mean"], batch["latent_std"], batch["text_emb"]
+        mean, std = encode_images(vae, batch["pixel_values"])
+    text_emb = batch["text_emb"] if "text_emb" in batch else encode_text(text_encoder, batch["input_ids"])
     # z0 ~ E(x), scaled to unit variance (LDM Sec. 3.1); (B, 4, R/8, R/8)
-    latents = (mean.float() + std.float() * torch.randn_like(mean, dtype=torch.float32)) * vae.config.scaling_factor
+    latents = (mean.float() + std.float() * torch.randn_like(mean, dtype=torch.float32)) * scaling_factor
     noise = torch.randn_like(latents)  # ε ~ N(0, I)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     # DDPM Eq. (4): z_t = √ᾱ_t·z0 + √(1-ᾱ_t)·ε
@@ -378,6 +475,21 @@ def compute_loss(batch, unet, vae, text_encoder, noise_scheduler):
     else:
         raise UserError(f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
     return mse_loss(model_pred.float(), target.float(), reduction="mean")  # in fp32 whatever the autocast
+
+
+def make_optimizer(params, cfg, cuda):
+    """AdamW over the LoRA tensors: fused into one kernel on a GPU, multi-tensor (foreach) on a CPU,
+    or bitsandbytes' 8-bit AdamW (its two moment tensors in 8 bits instead of 32)."""
+    if cfg.USE_8BIT_ADAM:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("USE_8BIT_ADAM=True needs bitsandbytes — pip install bitsandbytes, or --USE_8BIT_ADAM=False") from None
+        if not cuda:
+            raise UserError("USE_8BIT_ADAM=True needs a CUDA GPU — use --USE_8BIT_ADAM=False on a CPU")
+        return bnb.optim.AdamW8bit(params, lr=cfg.LEARNING_RATE, weight_decay=cfg.ADAM_WEIGHT_DECAY)
+    return torch.optim.AdamW(params, lr=cfg.LEARNING_RATE, weight_decay=cfg.ADAM_WEIGHT_DECAY,
+                             fused=True if cuda else None, foreach=None if cuda else True)
 
 
 # =============================================================================
@@ -407,7 +519,8 @@ def save_lora(path, unet, cfg):
     tensors = lora_state_dict(unet)
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:  # never replace good weights with broken ones
-        raise FloatingPointError(f"{len(bad)} LoRA tensors hold NaN/inf (e.g. {bad[0]}); {path} was not written")
+        raise UserError(f"training diverged: {len(bad)} LoRA tensors hold NaN/inf (e.g. {bad[0]}), so {path} was not "
+                        "written — lower LEARNING_RATE, use bf16 or MIXED_PRECISION=no, or --VAE_FP32=True; earlier files are kept")
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=lora_file_metadata(unet, cfg))
     return sum(v.numel() for v in tensors.values())
@@ -427,6 +540,7 @@ def check_saved_lora(unet, path, cfg, autocast):
     """Reload the file the way diffusers does (load_lora_adapter reads the alpha metadata) into the
     same frozen base, and compare with the trained adapter on one fixed input."""
     z, t, c = fixed_unet_input(unet, cfg.RESOLUTION, unet.device)
+    unet.eval()  # no LoRA dropout in the comparison
     with autocast():
         y_trained = unet(z, t, c, return_dict=False)[0].float()
         unet.disable_adapters()
@@ -461,26 +575,94 @@ def generate_image(cfg, weights_dir, dtype, device):
 
 
 # =============================================================================
+# Checkpoints, resume, interruption (helpers of the loop in main)
+# =============================================================================
+def save_training_checkpoint(cfg, step, unet, optimizer, lr_scheduler, accelerator):
+    from lora_tools.checkpoint import save_checkpoint
+
+    raw = accelerator.unwrap_model(unet)
+    path = save_checkpoint(cfg.OUTPUT_DIR, step, lambda p: save_lora(p, raw, cfg), optimizer, lr_scheduler,
+                           accelerator.scaler, {"global_step": step}, cfg.to_json(), cfg.CHECKPOINTS_TOTAL_LIMIT)
+    return path
+
+
+def restore_checkpoint(path, cfg, unet, optimizer, lr_scheduler, accelerator):
+    """Load the LoRA weights, optimizer, schedule and scaler state of checkpoint `path`.
+    Returns (global_step, rng_states); the RNG states are restored by the loop at the right moment."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    from lora_tools.checkpoint import load_checkpoint
+
+    lora, state, old = load_checkpoint(path)
+    for key in ("LORA_RANK", "TARGET_MODULES"):
+        if old.get(key) != getattr(cfg, key):
+            raise UserError(f"{path} was trained with {key}={old.get(key)!r}, this run has {getattr(cfg, key)!r} — "
+                            f"use the same --{key} to resume")
+    changed = [k for k in ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "SEED", "LORA_ALPHA", "LEARNING_RATE") if old.get(k) != getattr(cfg, k)]
+    if changed:
+        print0(f"note: {', '.join(changed)} differ from the checkpoint's run: the continuation will not be exact")
+    unet_lora = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in lora.items() if k.startswith("unet.")})
+    result = set_peft_model_state_dict(accelerator.unwrap_model(unet), unet_lora, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"{path} does not match this model: unexpected keys such as {result.unexpected_keys[0]}")
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    return state["position"]["global_step"], state["rng"]
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the loop checkpoints at the next step boundary and exits.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        import signal
+
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print0("\nstop requested: saving a checkpoint after this step (Ctrl-C again to quit at once)")
+
+    def restore(self):
+        import signal
+
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command(argv, checkpoint):
+    import shlex
+
+    kept = [a for a in argv if not a.startswith("--RESUME_FROM=")]
+    return shlex.join(["python", os.path.basename(__file__), *kept, f"--RESUME_FROM={checkpoint}"])
+
+
+# =============================================================================
 # The run: sections 1-7 in order
 # =============================================================================
 def main(argv):
     # --- 1. configuration -------------------------------------------------------
     cfg = resolve_config(argv)
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
+
+    from lora_tools.checkpoint import resolve_resume, set_rng_states
 
     cuda = torch.cuda.is_available()
     mixed_precision = resolve_mixed_precision(cfg.MIXED_PRECISION, cuda)
     weight_dtype = DTYPES[mixed_precision]  # dtype of every frozen weight
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda,
-                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS)
+                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=cuda))  # async copies from pinned memory
     device = accelerator.device
     if not cuda:
         print0("no CUDA GPU visible: training on the CPU in fp32 — fine for --DEMO=True, far too slow for SD1.5")
-    if accelerator.is_main_process:  # fail now, not after hours of training, if OUTPUT_DIR is not writable
-        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "training_config.json"), cfg.to_json() + "\n")
-    print0(f"config written to {os.path.join(cfg.OUTPUT_DIR, 'training_config.json')}")
     if cfg.DEMO:
         from lora_tools.demo import build_tiny_dataset, build_tiny_pipeline
 
@@ -488,10 +670,19 @@ def main(argv):
             build_tiny_pipeline(demo_settings["MODEL_ID"])
             build_tiny_dataset(demo_settings["DATA_DIR"])
         print0("DEMO: a tiny Stable-Diffusion-shaped model with random weights; its test image will be noise")
+    check_paths(cfg)
+    if accelerator.is_main_process:
+        check_output_dir(cfg.OUTPUT_DIR)
+    resume_path = resolve_resume(cfg.RESUME_FROM, cfg.OUTPUT_DIR)
+    if cfg.RESUME_FROM == "latest" and resume_path is None:
+        print0(f"RESUME_FROM=latest: no checkpoint in {cfg.OUTPUT_DIR} yet, starting a new run")
     if cuda and cfg.ALLOW_TF32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.SEED)
+
+    # --- 4a. list the data first: a bad folder fails before any model download ---
+    images, captions = load_captioned_images(cfg, show_progress=accelerator.is_local_main_process)
 
     # --- 2. load and freeze -----------------------------------------------------
     vae_dtype = torch.float32 if cfg.VAE_FP32 else weight_dtype
@@ -509,25 +700,27 @@ def main(argv):
     if cfg.GRADIENT_CHECKPOINTING:
         unet.enable_gradient_checkpointing()
 
-    # --- 4. data ----------------------------------------------------------------
-    images, captions = load_captioned_images(cfg)
+    # --- 4b. pixels and tokens -> (cached) latents and embeddings ----------------
     dataset = CaptionedImages(images, tokenize(tokenizer, captions), cfg)
+    scaling_factor = vae.config.scaling_factor  # SD1.x: 0.18215, puts z0 at roughly unit variance
     if cfg.CACHE_LATENTS:
         dataset = cache_latents(dataset, vae, text_encoder, cfg, show_progress=accelerator.is_local_main_process)
-        vae.to("cpu"), text_encoder.to("cpu")  # frozen encoders are done: free the accelerator for the UNet
+        vae = text_encoder = None  # done with the frozen encoders: free their memory for the UNet
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     workers = cfg.DATALOADER_NUM_WORKERS
     if workers is None:
         workers = 0 if cfg.CACHE_LATENTS else min(4, max(0, (os.cpu_count() or 1) - 1))
-    sampler = EpochShuffle(len(dataset), cfg.SEED)
+    sampler = EpochShuffle(len(dataset), cfg.SEED, cfg.RANDOM_FLIP)
     train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=sampler,
-                                                   num_workers=workers, pin_memory=cuda, drop_last=False)
+                                                   num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
 
     # --- 5. optimizer, schedule, training loop ----------------------------------
     from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
 
-    optimizer = torch.optim.AdamW(lora_params, lr=cfg.LEARNING_RATE, weight_decay=cfg.ADAM_WEIGHT_DECAY, fused=cuda)
+    optimizer = make_optimizer(lora_params, cfg, cuda)
     if cfg.COMPILE:
         unet = torch.compile(unet)
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
@@ -542,45 +735,78 @@ def main(argv):
            f"{steps_per_epoch} steps/epoch, {max_train_steps} steps, {num_epochs} epochs | mixed precision: {mixed_precision} | "
            f"{'cached latents' if cfg.CACHE_LATENTS else 'encoding every step'}")
 
-    from tqdm.auto import tqdm
+    global_step, resume_rng = 0, None
+    if resume_path is not None:
+        global_step, resume_rng = restore_checkpoint(resume_path, cfg, unet, optimizer, lr_scheduler, accelerator)
+        print0(f"resumed from {resume_path} at step {global_step}")
+    first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
+    skip_batches *= cfg.GRADIENT_ACCUMULATION_STEPS  # micro-batches of the resumed epoch already trained on
 
-    global_step, running_loss, running_count = 0, torch.zeros((), device=device), 0
-    progress = tqdm(total=max_train_steps, desc="training", disable=not accelerator.is_local_main_process)
+    running_loss, running_count = torch.zeros((), device=device), 0
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
+    stop = StopRequest()
     unet.train()
     t_start = time.time()
-    for epoch in range(num_epochs):
-        sampler.set_epoch(epoch)
-        for batch in train_dataloader:
-            with accelerator.accumulate(unet):
-                # get batch -> noise -> predict -> loss (section 5 math in compute_loss)
-                loss = compute_loss(batch, unet, vae, text_encoder, noise_scheduler)
-                # backward (mixed precision: accelerate scales fp16 losses)
-                accelerator.backward(loss)
-                # clip: the list of LoRA tensors, not a generator that the first use exhausts
-                if accelerator.sync_gradients and cfg.MAX_GRAD_NORM is not None:
-                    accelerator.clip_grad_norm_(lora_params, cfg.MAX_GRAD_NORM)
-                # step (accelerate skips it until the last accumulation micro-batch)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running_loss += loss.detach()
-            running_count += 1
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            global_step += 1
-            progress.update(1)
-            # log: one device->host read every LOG_EVERY steps, not one per step
-            if global_step % cfg.LOG_EVERY == 0 or global_step == max_train_steps:
-                loss_value = (running_loss / running_count).item()
-                running_loss.zero_(), (running_count := 0)
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"the loss became {loss_value} at step {global_step}: lower LEARNING_RATE, "
-                                             "use bf16 or fp32, or --VAE_FP32=True; no weights were written")
+    try:
+        for epoch in range(first_epoch, num_epochs):
             if global_step >= max_train_steps:
                 break
-        if global_step >= max_train_steps:
-            break
+            sampler.set_epoch(epoch)
+            train_dataloader.set_epoch(epoch)  # accelerate's wrapper would otherwise count epochs from 0 after a resume
+            batches = iter(train_dataloader)
+            if resume_rng is not None:  # exact resume: skip what was trained on, then restore the RNGs
+                for _ in range(skip_batches):
+                    next(batches)
+                set_rng_states(resume_rng)
+                resume_rng = None
+            for batch in batches:
+                with accelerator.accumulate(unet):
+                    # get batch -> noise -> predict -> loss (the math is in compute_loss, section 5)
+                    loss = compute_loss(batch, unet, noise_scheduler, scaling_factor, vae, text_encoder)
+                    # backward (mixed precision: accelerate scales fp16 losses)
+                    accelerator.backward(loss)
+                    # clip: the list of LoRA tensors, not a generator that the first use exhausts
+                    if accelerator.sync_gradients and cfg.MAX_GRAD_NORM is not None:
+                        accelerator.clip_grad_norm_(lora_params, cfg.MAX_GRAD_NORM)
+                    # step (accelerate skips it until the last accumulation micro-batch)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running_loss += loss.detach()
+                running_count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                lr_scheduler.step()
+                global_step += 1
+                progress.update(1)
+                # log: one device->host read every LOG_EVERY steps, not one per step
+                if global_step % cfg.LOG_EVERY == 0 or global_step == max_train_steps:
+                    loss_value = (running_loss / running_count).item()
+                    running_loss.zero_()
+                    running_count = 0
+                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+                    if not math.isfinite(loss_value):
+                        raise UserError(f"training diverged: the loss became {loss_value} by step {global_step} — lower "
+                                        "LEARNING_RATE, use bf16 rather than fp16 (or --VAE_FP32=True), or MIXED_PRECISION=no; "
+                                        "no weights were written, earlier checkpoints are kept")
+                # checkpoint: every CHECKPOINTING_STEPS, and when Ctrl-C / SIGTERM asked us to stop
+                stopping = stop.signum is not None
+                if accelerator.num_processes > 1:  # every process must agree, or one waits forever
+                    stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=device), "max").item())
+                periodic = cfg.CHECKPOINTING_STEPS and global_step % cfg.CHECKPOINTING_STEPS == 0
+                if (periodic or stopping) and global_step < max_train_steps:
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process:
+                        path = save_training_checkpoint(cfg, global_step, unet, optimizer, lr_scheduler, accelerator)
+                        progress.write(f"checkpoint: {path}")
+                    if stopping:
+                        progress.close()
+                        path = os.path.join(cfg.OUTPUT_DIR, f"checkpoint-{global_step}")
+                        print0(f"stopped at step {global_step}; resume with:\n  {resume_command(argv, path)}")
+                        sys.exit(130 if stop.signum == 2 else 143)
+                if global_step >= max_train_steps:
+                    break
+    finally:
+        stop.restore()
     progress.close()
     print0(f"trained {global_step} steps in {time.time() - t_start:.1f}s")
 
@@ -590,6 +816,7 @@ def main(argv):
     weights_path = os.path.join(cfg.OUTPUT_DIR, WEIGHTS_NAME)
     if accelerator.is_main_process:
         n = save_lora(weights_path, unet, cfg)
+        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "training_config.json"), cfg.to_json() + "\n")
         print0(f"saved {n:,} LoRA parameters to {weights_path} ({os.path.getsize(weights_path) / 1e6:.2f} MB)")
         diff, effect, tolerance = check_saved_lora(unet, weights_path, cfg, accelerator.autocast)
         print0(f"reload check: saved file vs trained model, max |Δoutput| = {diff:.2e} (LoRA's own effect {effect:.2e})")
@@ -616,6 +843,10 @@ def main(argv):
     accelerator.end_training()
 
 
+OOM_HELP = ("out of GPU memory — lower BATCH_SIZE (and raise GRADIENT_ACCUMULATION_STEPS to keep the effective batch), "
+            "set --GRADIENT_CHECKPOINTING=True, lower RESOLUTION, try --USE_8BIT_ADAM=True, or use "
+            "--MIXED_PRECISION=bf16/fp16; checkpoints already written are kept")
+
 if __name__ == "__main__":
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(__doc__)
@@ -628,3 +859,9 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError:
+        print(f"error: {OOM_HELP}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print("\ninterrupted before a checkpoint could be saved", file=sys.stderr)
+        sys.exit(130)

@@ -5,7 +5,8 @@ The rules (each one tested in tests/test_config.py):
   error that suggests the closest names;
 - the value is split on the first `=` only, so `--VALIDATION_PROMPT=a=b` gives "a=b";
 - the type must match the default: str defaults take the text as it is; bools take True/False only;
-  ints take integers; floats take integers or floats; lists take a Python list or comma-separated
+  ints take integers; floats take integers or floats (numbers also take None, which the script's
+  checks accept only where a setting documents it); lists take a Python list or comma-separated
   text; a None default takes any Python literal, or the text itself when it is not one;
 - every override is printed.
 """
@@ -36,6 +37,8 @@ def parse_value(name, text, default):
         value = text  # not a Python literal: plain text
     if default is None:
         return value
+    if value is None and isinstance(default, (int, float)):  # numbers may be switched off; check_config says where
+        return None
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _type_error(name, default, text, "a number")

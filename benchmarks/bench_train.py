@@ -1,0 +1,266 @@
+"""
+Training-step benchmark: what does a LoRA step cost, and how much of it is waste?
+
+Measures, in one run on the current device (GPU if visible, else CPU), three ways to train the
+same LoRA on the same model, each in a fresh process (so time to first step and peak memory are
+its own):
+  (a) conventional: decode images and run the frozen VAE + text encoder at every step
+      (what diffusers' train_text_to_image_lora.py does);
+  (b) this project's default path: lora_complete_example.py's functions with CACHE_LATENTS=True
+      (encode once, then train on cached latents and embeddings);
+  (c) the floor: the bare UNet LoRA forward + backward + AdamW step on ready tensors.
+For each: median seconds per optimizer step, images/s, peak memory (CUDA max allocated, or the
+process's peak RSS on a CPU), time to first step (model on device -> first step done, caching
+included), and the UNet's achieved TFLOP/s (FLOPs counted once with torch's FlopCounterMode).
+Prints a table with the ratios (a)/(b) and (b)/(c) and writes JSON.
+
+    python benchmarks/bench_train.py                                 # tiny + SD1.5 at 512 px, batch 1
+    python benchmarks/bench_train.py --MODELS=sd15 --RESOLUTION=256  # SD1.5 architecture at 256 px
+    python benchmarks/bench_train.py --MODELS=sd15 --MODES=b --BATCH_SIZES=1,4,8 --GRADIENT_CHECKPOINTING=False,True
+
+The SD1.5 architecture is built from its published configs with random weights (no download):
+the compute is the real one, the weights don't matter for speed.
+"""
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lora_tools.config import UserError, parse_overrides  # noqa: E402
+
+# -----------------------------------------------------------------------------
+MODELS = ["tiny", "sd15"]  # tiny = the demo's model; sd15 = the SD1.5 architecture, random weights
+MODES = ["a", "b", "c"]  # a = conventional, b = this script's default, c = bare UNet step
+RESOLUTION = 512  # pixels
+BATCH_SIZES = [1]  # images per step; each is measured
+GRADIENT_CHECKPOINTING = [False]  # each value is measured
+MIXED_PRECISION = "auto"  # as in the script: auto = bf16/fp16 on a GPU, fp32 on a CPU
+STEPS = None  # timed optimizer steps per measurement; None = 10 on a GPU, 3 on a CPU
+WARMUP = None  # untimed steps first; None = 3 on a GPU, 1 on a CPU
+LORA_RANK = 4
+OUTPUT = os.path.join(ROOT, "bench_results", "bench_train.json")  # the JSON results
+WORKER = ""  # internal: one measurement's spec, as JSON (the parent process sets it)
+# -----------------------------------------------------------------------------
+CONFIG_KEYS = [k for k in list(globals()) if k.isupper() and k not in ("ROOT",)]
+
+
+def peak_memory_bytes(cuda):
+    import torch
+
+    if cuda:
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def build_models(model, device, weight_dtype):
+    """tokenizer, text encoder, VAE, UNet, noise scheduler — frozen, on device, in weight_dtype."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from lora_tools.demo import _tiny_tokenizer, build_tiny_components
+    from lora_tools.sd15 import sd15_text_encoder, sd15_unet, sd15_vae
+
+    if model == "tiny":
+        parts = build_tiny_components()
+        text_encoder, vae, unet = parts["text_encoder"], parts["vae"], parts["unet"]
+    else:  # initialise directly on the device: random init of 1B parameters on a CPU is slow
+        with torch.random.fork_rng(devices=[]):
+            text_encoder, vae, unet = sd15_text_encoder(device), sd15_vae(device), sd15_unet(device)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False)
+        m.to(device, dtype=weight_dtype)
+    # The tiny byte-level tokenizer serves both (ids < 514 are valid for SD's 49,408-entry vocabulary).
+    return _tiny_tokenizer(), text_encoder, vae, unet, scheduler
+
+
+def make_images(folder, n, resolution):
+    from lora_tools.demo import COLOURS, SHAPES, make_shape_image
+
+    names = list(COLOURS)
+    paths, captions = [], []
+    for i in range(n):
+        colour, background, shape = names[i % 4], names[(i + 1) % 4], SHAPES[i % 2]
+        path = os.path.join(folder, f"{i:03d}.png")
+        make_shape_image(colour, shape, background, size=(resolution, resolution), jitter=i % 5).save(path)
+        paths.append(path)
+        captions.append(f"a {colour} {shape} on a {background} background")
+    return paths, captions
+
+
+def count_unet_flops(unet, sample, t, emb):
+    """FLOPs of one UNet forward + backward (matmuls, convolutions, attention)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        unet(sample, t, emb, return_dict=False)[0].float().square().mean().backward()
+    for p in unet.parameters():
+        p.grad = None
+    return counter.get_total_flops()
+
+
+def measure(spec):
+    """One (model, mode, batch, checkpointing) measurement, in this process."""
+    import torch
+    from accelerate import Accelerator
+
+    import lora_complete_example as lce
+
+    cuda = torch.cuda.is_available()
+    steps = spec["steps"] or (10 if cuda else 3)
+    warmup = spec["warmup"] if spec["warmup"] is not None else (3 if cuda else 1)
+    bs, res, mode = spec["batch_size"], spec["resolution"], spec["mode"]
+    mixed_precision = lce.resolve_mixed_precision(spec["mixed_precision"], cuda)
+    weight_dtype = lce.DTYPES[mixed_precision]
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    tokenizer, text_encoder, vae, unet, scheduler = build_models(spec["model"], device, weight_dtype)
+    cfg = lce.resolve_config([f"--RESOLUTION={res}", f"--BATCH_SIZE={bs}", "--GRADIENT_ACCUMULATION_STEPS=1",
+                              f"--LORA_RANK={spec['lora_rank']}", f"--LORA_ALPHA={spec['lora_rank']}",
+                              f"--CACHE_LATENTS={mode == 'b'}", f"--GRADIENT_CHECKPOINTING={spec['gradient_checkpointing']}",
+                              "--RANDOM_FLIP=True", "--DATALOADER_NUM_WORKERS=0"], )
+    lora_params = lce.add_lora(unet, cfg)
+    if cfg.GRADIENT_CHECKPOINTING:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    scaling = vae.config.scaling_factor
+    folder = tempfile.mkdtemp(prefix="bench-images-")
+    paths, captions = make_images(folder, bs * (warmup + steps), res)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    t0 = time.perf_counter()
+    optimizer = lce.make_optimizer(lora_params, cfg, cuda)
+    if mode == "c":  # ready tensors: z_t, t, c and the target, made once
+        h = res // 8
+        ready = dict(z=torch.randn(bs, 4, h, h, device=device), t=torch.randint(0, 1000, (bs,), device=device),
+                     c=torch.randn(bs, 77, unet.config.cross_attention_dim, device=device, dtype=weight_dtype),
+                     target=torch.randn(bs, 4, h, h, device=device))
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        batches = None
+    else:
+        dataset = lce.CaptionedImages(paths, lce.tokenize(tokenizer, captions), cfg)
+        if mode == "b":
+            dataset = lce.cache_latents(dataset, vae, text_encoder, cfg, show_progress=False)
+            vae = text_encoder = None
+            if cuda:
+                torch.cuda.empty_cache()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=lce.EpochShuffle(len(dataset), 0),
+                                             pin_memory=cuda)
+        unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+        batches = iter(loader)
+
+    times = []
+    for i in range(warmup + steps):
+        t_step = time.perf_counter()
+        if batches is None:  # (c) the floor
+            pred = unet(ready["z"], ready["t"], ready["c"], return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(pred.float(), ready["target"])
+            accelerator.backward(loss)
+        else:  # (a) and (b): the script's own step
+            batch = next(batches)
+            loss = lce.compute_loss(batch, unet, scheduler, scaling, vae, text_encoder)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(lora_params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if i == 0:
+            first_step = now - t0
+        if i >= warmup:
+            times.append(now - t_step)
+    peak = peak_memory_bytes(cuda)
+    h = res // 8  # FLOPs of the UNet's forward + backward at this shape, counted once (untimed)
+    z, t = torch.randn(bs, 4, h, h, device=device), torch.randint(0, 1000, (bs,), device=device)
+    c = torch.randn(bs, 77, accelerator.unwrap_model(unet).config.cross_attention_dim, device=device, dtype=weight_dtype)
+    with accelerator.autocast():
+        flops = count_unet_flops(accelerator.unwrap_model(unet), z, t, c)
+    sec = statistics.median(times)
+    return dict(spec, device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+                mixed_precision=mixed_precision, steps=steps, warmup=warmup, sec_per_step=sec,
+                images_per_sec=bs / sec, peak_memory_gb=peak / 1e9, time_to_first_step=first_step,
+                step_times=times, unet_flops_per_step=flops, loss=float(loss))
+
+
+def run_sweep(c):
+    results = []
+    for model in c["MODELS"]:
+        for gc_on in c["GRADIENT_CHECKPOINTING"]:
+            for bs in c["BATCH_SIZES"]:
+                for mode in c["MODES"]:
+                    spec = dict(model=model, mode=mode, batch_size=bs, resolution=c["RESOLUTION"],
+                                gradient_checkpointing=gc_on, mixed_precision=c["MIXED_PRECISION"],
+                                steps=c["STEPS"], warmup=c["WARMUP"], lora_rank=c["LORA_RANK"])
+                    print(f"measuring {spec} ...", flush=True)
+                    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--WORKER={json.dumps(spec)}"],
+                                          capture_output=True, text=True, cwd=ROOT)
+                    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                    if proc.returncode != 0 or not line:
+                        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                        raise SystemExit(f"measurement failed: {spec}")
+                    results.append(json.loads(line[-1][len("RESULT "):]))
+    return results
+
+
+def table(results):
+    """Rows per (model, batch, checkpointing) with the ratios (a)/(b) and (b)/(c)."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["model"], r["batch_size"], r["gradient_checkpointing"]), {})[r["mode"]] = r
+    lines = [f"{'model':6} {'res':>4} {'bs':>3} {'ckpt':>5} {'mode':5} {'s/step':>9} {'img/s':>8} {'peak GB':>8} "
+             f"{'1st step s':>10} {'TFLOP/s':>8}"]
+    for (model, bs, gc_on), modes in groups.items():
+        for m in ("a", "b", "c"):
+            if m not in modes:
+                continue
+            r = modes[m]
+            tflops = f"{r['unet_flops_per_step'] / r['sec_per_step'] / 1e12:8.2f}"
+            lines.append(f"{model:6} {r['resolution']:4d} {bs:3d} {str(gc_on):>5} {m:5} {r['sec_per_step']:9.4f} "
+                         f"{r['images_per_sec']:8.2f} {r['peak_memory_gb']:8.2f} {r['time_to_first_step']:10.2f} {tflops}")
+        ratio = []
+        if "a" in modes and "b" in modes:
+            ratio.append(f"(a)/(b) = {modes['a']['sec_per_step'] / modes['b']['sec_per_step']:.2f}x faster per step; "
+                         f"peak memory (b)/(a) = {modes['b']['peak_memory_gb'] / modes['a']['peak_memory_gb']:.2f}")
+        if "b" in modes and "c" in modes:
+            ratio.append(f"(b)/(c) = {modes['b']['sec_per_step'] / modes['c']['sec_per_step']:.3f}x the floor")
+        if ratio:
+            lines.append("       " + " | ".join(ratio))
+    return "\n".join(lines)
+
+
+def main(argv):
+    c = parse_overrides(argv, {k: globals()[k] for k in CONFIG_KEYS})
+    if c["WORKER"]:
+        print("RESULT " + json.dumps(measure(json.loads(c["WORKER"]))), flush=True)
+        return
+    results = run_sweep(c)
+    report = table(results)
+    print("\n" + report)
+    os.makedirs(os.path.dirname(c["OUTPUT"]), exist_ok=True)
+    with open(c["OUTPUT"], "w") as f:
+        json.dump({"results": results, "table": report, "python": sys.version.split()[0]}, f, indent=2)
+    print(f"\nwrote {c['OUTPUT']}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
