@@ -159,7 +159,7 @@ def measure(spec):
             vae = text_encoder = None
             if cuda:
                 torch.cuda.empty_cache()
-        loader = torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=lce.EpochShuffle(len(dataset), 0),
+        loader = torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=lce.EpochShuffle(len(dataset), 0, True),
                                              pin_memory=cuda)
         unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
         batches = iter(loader)
