@@ -58,8 +58,16 @@ LORA_RANK = 4  # r: rank of B·A; 4-16 is typical, higher = more capacity and a 
 LORA_ALPHA = 4  # α: the update is scaled by α/r; α = r is a neutral start
 LORA_DROPOUT = 0.0  # dropout on the LoRA branch's input; 0.05-0.1 against overfitting on few images
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # UNet attention projections that get adapters
+USE_DORA = False  # DoRA (Liu et al. 2024): also learn each column's magnitude; a little slower per step
+USE_RSLORA = False  # rsLoRA (Kalajdzievski 2023): scale by α/√r instead of α/r, so high ranks keep learning
+TRAIN_TEXT_ENCODER = False  # also put LoRA on the CLIP text encoder (prompts can't then be cached)
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention projections
 # optimisation
 LEARNING_RATE = 1e-4  # AdamW step size for the LoRA weights (LoRA tolerates ~100x full fine-tuning's)
+TEXT_ENCODER_LEARNING_RATE = None  # for the text encoder's LoRA; None = LEARNING_RATE (often set 2-10x lower)
+LORAPLUS_LR_RATIO = None  # LoRA+ (Hayou et al. 2024): B matrices learn at LEARNING_RATE x this (> 1); None = off
+SNR_GAMMA = None  # Min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is the paper's default; None = plain MSE
+NOISE_OFFSET = 0.0  # offset noise (Guttenberg 2023): adds this x N(0,1) per image and channel; 0.05-0.1 helps very dark/bright images
 BATCH_SIZE = 1  # images per GPU per forward pass
 GRADIENT_ACCUMULATION_STEPS = 4  # forward passes per optimizer step; effective batch = BATCH_SIZE x this x GPUs
 NUM_EPOCHS = 10  # passes over the data (ignored when MAX_TRAIN_STEPS is set)
@@ -82,7 +90,14 @@ CHECKPOINTS_TOTAL_LIMIT = None  # keep only the newest N checkpoints; None = kee
 RESUME_FROM = None  # "latest" (newest checkpoint in OUTPUT_DIR) or a checkpoint-<step> folder; None = fresh start
 # output
 OUTPUT_DIR = "my_lora_model"  # where the adapter, config and test image go
-VALIDATION_PROMPT = "a man with blue eyes, in the style of naruto"  # rendered after training
+OUTPUT_NAME = "my_lora"  # the WebUI/ComfyUI copy is OUTPUT_DIR/<OUTPUT_NAME>.safetensors
+SAVE_DTYPE = "fp32"  # fp32 | fp16: precision of the saved LoRA files (fp16 halves their size)
+SAVE_MERGED_MODEL = False  # also save base + LoRA fused (W = W0 + (α/r)·B·A) as a full pipeline in OUTPUT_DIR/merged_pipeline
+VALIDATION_PROMPT = "a man with blue eyes, in the style of naruto"  # test_generation.png, rendered after training
+VALIDATION_PROMPTS = ["a man with blue eyes, in the style of naruto", "a girl with pink hair, in the style of naruto"]  # grids and comparison.png
+NUM_VALIDATION_SEEDS = 2  # images per prompt in the validation grids (seeds SEED, SEED+1, ...)
+VALIDATION_STEPS = None  # render a grid into OUTPUT_DIR/validation/ every N steps; None = only at the end
+REPORT_TO = None  # "tensorboard": also log loss and lr through accelerate's trackers (pip install tensorboard)
 NUM_INFERENCE_STEPS = 30  # denoising steps for the test image
 GUIDANCE_SCALE = 7.5  # classifier-free guidance for the test image
 DEMO = False  # True = offline demo: tiny random SD-shaped model and generated pictures (see below)
@@ -104,6 +119,7 @@ demo_settings = dict(
     LOG_EVERY=5,
     NUM_INFERENCE_STEPS=10,
     VALIDATION_PROMPT="a red circle on a blue background",
+    VALIDATION_PROMPTS=["a red circle on a blue background", "a green square on a yellow background"],
 )
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
@@ -160,6 +176,19 @@ def check_config(c):
     number("GUIDANCE_SCALE", 0)
     number("MAX_GRAD_NORM", 0, strict=True, none_ok=True)
     need(isinstance(c["SEED"], int), f"SEED must be an integer, got {c['SEED']!r}")
+    number("TEXT_ENCODER_LEARNING_RATE", 0, strict=True, none_ok=True)
+    number("LORAPLUS_LR_RATIO", 0, strict=True, none_ok=True)
+    number("SNR_GAMMA", 0, strict=True, none_ok=True)
+    number("NOISE_OFFSET", 0)
+    need(c["SAVE_DTYPE"] in ("fp32", "fp16"), f"SAVE_DTYPE must be 'fp32' or 'fp16', got {c['SAVE_DTYPE']!r}")
+    need(bool(c["OUTPUT_NAME"]) and os.sep not in c["OUTPUT_NAME"] and c["OUTPUT_NAME"] != "pytorch_lora_weights",
+         f"OUTPUT_NAME must be a plain file name (no folders, not pytorch_lora_weights), got {c['OUTPUT_NAME']!r}")
+    need(len(c["TEXT_ENCODER_TARGET_MODULES"]) > 0, "TEXT_ENCODER_TARGET_MODULES must not be empty — e.g. q_proj,k_proj,v_proj,out_proj")
+    need(len(c["VALIDATION_PROMPTS"]) > 0 and all(isinstance(p, str) for p in c["VALIDATION_PROMPTS"]),
+         f"VALIDATION_PROMPTS must be a non-empty list of prompts, got {c['VALIDATION_PROMPTS']!r}")
+    number("NUM_VALIDATION_SEEDS", 1, int)
+    number("VALIDATION_STEPS", 1, int, none_ok=True)
+    need(c["REPORT_TO"] in (None, "tensorboard"), f"REPORT_TO must be None or 'tensorboard', got {c['REPORT_TO']!r}")
     need(c["MIXED_PRECISION"] in MIXED_PRECISION_CHOICES, f"MIXED_PRECISION must be one of {MIXED_PRECISION_CHOICES}, got {c['MIXED_PRECISION']!r}")
     need(c["LR_SCHEDULER"] in LR_SCHEDULER_CHOICES, f"LR_SCHEDULER must be one of {LR_SCHEDULER_CHOICES}, got {c['LR_SCHEDULER']!r}")
     need(len(c["TARGET_MODULES"]) > 0 and all(isinstance(m, str) for m in c["TARGET_MODULES"]),
@@ -181,6 +210,16 @@ def check_paths(cfg):
     if (os.path.exists(name) or looks_local) and not os.path.isfile(os.path.join(name, "unet", "config.json")):
         raise UserError(f"MODEL_ID={name!r} is not a diffusers-layout model folder (no unet/config.json there) — pass a folder "
                         "with unet/, vae/, text_encoder/, tokenizer/, scheduler/, or a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def check_environment(cfg):
+    """Optional packages that a setting needs: missing ones are found now, not mid-run."""
+    import importlib.util
+
+    needs = [(cfg.USE_8BIT_ADAM, "bitsandbytes", "USE_8BIT_ADAM=True"), (cfg.REPORT_TO == "tensorboard", "tensorboard", "REPORT_TO='tensorboard'")]
+    for wanted, package, setting in needs:
+        if wanted and importlib.util.find_spec(package) is None:
+            raise UserError(f"{setting} needs the {package} package — pip install {package}, or turn the setting off")
 
 
 def check_output_dir(path):
@@ -264,12 +303,13 @@ def count_params(model, trainable=None):
 # =============================================================================
 # 3. Add LoRA adapters (Hu et al. 2021, Sec. 4.1, Eq. 3)
 # =============================================================================
-def lora_config_from(cfg):
+def lora_config_from(cfg, target_modules=None):
     from peft import LoraConfig
 
     # "gaussian": A ~ N(0, σ = 1/r), B = 0, so ΔW = B·A = 0 and the adapted model starts exactly at W0.
     return LoraConfig(r=cfg.LORA_RANK, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
-                      init_lora_weights="gaussian", target_modules=list(cfg.TARGET_MODULES))
+                      init_lora_weights="gaussian", target_modules=list(target_modules or cfg.TARGET_MODULES),
+                      use_dora=cfg.USE_DORA, use_rslora=cfg.USE_RSLORA)
 
 
 def check_target_modules(unet, targets):
@@ -291,6 +331,19 @@ def add_lora(unet, cfg):
         if p.requires_grad:
             p.data = p.data.float()  # fp32 master weights: bf16 has 8 bits of mantissa, too few for small updates
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+def add_text_encoder_lora(text_encoder, cfg):
+    """TRAIN_TEXT_ENCODER: the same adapters on CLIP's q/k/v/out projections, through PEFT's own API
+    (transformers' add_adapter needs a newer PEFT than some installs have)."""
+    from peft import inject_adapter_in_model
+
+    config = lora_config_from(cfg, cfg.TEXT_ENCODER_TARGET_MODULES)
+    inject_adapter_in_model(config, text_encoder, adapter_name="default")  # also sets text_encoder.peft_config
+    for p in text_encoder.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return [p for p in text_encoder.parameters() if p.requires_grad]
 
 
 # =============================================================================
@@ -342,7 +395,7 @@ def tokenize(tokenizer, captions):
     import warnings
 
     limit = tokenizer.model_max_length
-    lengths = [len(ids) for ids in tokenizer(captions, truncation=False).input_ids]
+    lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False).input_ids]
     too_long = [c for c, n in zip(captions, lengths) if n > limit]
     if too_long:
         warnings.warn(f"{len(too_long)} caption(s) are longer than the text encoder's {limit} tokens and were cut "
@@ -374,23 +427,24 @@ class CaptionedImages(torch.utils.data.Dataset):
         i, flip = item if isinstance(item, tuple) else (item, False)
         img = self.images[i]
         pixels = self.transform(open_image(img) if isinstance(img, str) else to_rgb(img))
-        return {"pixel_values": pixels.flip(-1) if flip else pixels, "input_ids": self.input_ids[i]}
+        return {"pixel_values": pixels.flip(-1) if flip else pixels, "input_ids": self.input_ids[i], "index": i}
 
 
 class CachedLatents(torch.utils.data.Dataset):
     """Item (i, flip): the VAE posterior (mean, std) of image i (4, R/8, R/8), of its mirror image if
     flip, and its caption's text embedding (77, d). Sampling z0 from the posterior still happens every step."""
 
-    def __init__(self, mean, std, text_emb):
-        self.mean, self.std, self.text_emb = mean, std, text_emb  # mean, std: (N, 1 or 2 orientations, 4, h, w)
+    def __init__(self, mean, std, text_emb, input_ids):
+        self.mean, self.std, self.text_emb, self.input_ids = mean, std, text_emb, input_ids  # mean, std: (N, 1|2, 4, h, w)
 
     def __len__(self):
-        return len(self.text_emb)
+        return len(self.mean)
 
     def __getitem__(self, item):
         i, flip = item if isinstance(item, tuple) else (item, False)
         k = int(flip)  # orientation 1 is the mirrored image
-        return {"latent_mean": self.mean[i, k], "latent_std": self.std[i, k], "text_emb": self.text_emb[i]}
+        text = {"text_emb": self.text_emb[i]} if self.text_emb is not None else {"input_ids": self.input_ids[i]}
+        return {"latent_mean": self.mean[i, k], "latent_std": self.std[i, k], "index": i, **text}
 
 
 @torch.no_grad()
@@ -400,7 +454,6 @@ def encode_images(vae, pixels):
     return dist.mean, dist.std
 
 
-@torch.no_grad()
 def encode_text(text_encoder, input_ids):
     """τθ(y): token ids (B, 77) -> last hidden states (B, 77, d), what SD's cross-attention reads."""
     return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
@@ -420,12 +473,14 @@ def cache_latents(dataset, vae, text_encoder, cfg, show_progress=True):
         moments = [encode_images(vae, v) for v in views]
         means.append(torch.stack([m for m, _ in moments], 1).cpu())  # (B, views, 4, h, w)
         stds.append(torch.stack([s for _, s in moments], 1).cpu())
-        embs.append(encode_text(text_encoder, batch["input_ids"]).cpu())  # (B, 77, d)
+        if not cfg.TRAIN_TEXT_ENCODER:  # a trained text encoder changes its output every step: no cache
+            embs.append(encode_text(text_encoder, batch["input_ids"]).cpu())  # (B, 77, d)
     pin = torch.cuda.is_available()
-    mean, std, emb = (torch.cat(t) for t in (means, stds, embs))
+    mean, std = torch.cat(means), torch.cat(stds)
+    emb = torch.cat(embs) if embs else None
     if pin:
-        mean, std, emb = mean.pin_memory(), std.pin_memory(), emb.pin_memory()
-    return CachedLatents(mean, std, emb)
+        mean, std, emb = mean.pin_memory(), std.pin_memory(), emb.pin_memory() if emb is not None else None
+    return CachedLatents(mean, std, emb, dataset.input_ids)
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -451,7 +506,18 @@ class EpochShuffle(torch.utils.data.Sampler):
 # =============================================================================
 # 5. The training loop (DDPM, Ho et al. 2020, Algorithm 1 and Eq. 14, in latent space)
 # =============================================================================
-def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_encoder=None):
+def min_snr_weights(noise_scheduler, t, gamma):
+    """Min-SNR-γ (Hang et al. 2023, Sec. 3.4 and 4.2): weight each timestep's loss by min(SNR(t), γ),
+    expressed for the network's target: ÷SNR(t) for ε-prediction, ÷(SNR(t)+1) for v-prediction."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = alphas_cumprod / (1 - alphas_cumprod)  # SNR(t) = ᾱ_t / (1 - ᾱ_t)
+    clipped = torch.clamp(snr, max=gamma)  # min(SNR(t), γ)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_encoder=None, snr_gamma=None, noise_offset=0.0):
     """One denoising-loss evaluation: batch -> z0, c -> noise -> z_t -> prediction -> MSE.
     A cached batch carries the encoders' outputs; otherwise the frozen encoders run now
     (what most trainers do at every step, though their output never changes)."""
@@ -461,8 +527,11 @@ def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_en
         mean, std = encode_images(vae, batch["pixel_values"])
     text_emb = batch["text_emb"] if "text_emb" in batch else encode_text(text_encoder, batch["input_ids"])
     # z0 ~ E(x), scaled to unit variance (LDM Sec. 3.1); (B, 4, R/8, R/8)
-    latents = (mean.float() + std.float() * torch.randn_like(mean, dtype=torch.float32)) * scaling_factor
-    noise = torch.randn_like(latents)  # ε ~ N(0, I)
+    # (torch.randn, not randn_like: the same seed must give the same noise whatever the tensor's memory layout)
+    latents = (mean.float() + std.float() * torch.randn(mean.shape, device=mean.device)) * scaling_factor
+    noise = torch.randn(latents.shape, device=latents.device)  # ε ~ N(0, I)
+    if noise_offset:  # offset noise (Guttenberg 2023): one extra shift per image and channel, (B, 4, 1, 1)
+        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     # DDPM Eq. (4): z_t = √ᾱ_t·z0 + √(1-ᾱ_t)·ε
     noisy_latents = noise_scheduler.add_noise(latents, noise, t)
@@ -474,10 +543,27 @@ def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_en
         target = noise_scheduler.get_velocity(latents, noise, t)  # v = √ᾱ_t·ε − √(1-ᾱ_t)·z0
     else:
         raise UserError(f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
-    return mse_loss(model_pred.float(), target.float(), reduction="mean")  # in fp32 whatever the autocast
+    if snr_gamma is None:
+        return mse_loss(model_pred.float(), target.float(), reduction="mean")  # in fp32 whatever the autocast
+    per_image = mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    return (per_image * min_snr_weights(noise_scheduler, t, snr_gamma)).mean()
 
 
-def make_optimizer(params, cfg, cuda):
+def lora_param_groups(cfg, unet, text_encoder=None):
+    """AdamW parameter groups. LoRA+ (Hayou et al. 2024): B matrices learn at LEARNING_RATE x
+    LORAPLUS_LR_RATIO; the text encoder has its own rate."""
+    groups = []
+    te_lr = cfg.TEXT_ENCODER_LEARNING_RATE or cfg.LEARNING_RATE
+    for model, lr in ((unet, cfg.LEARNING_RATE), (text_encoder, te_lr)):
+        if model is None:
+            continue
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups.append({"params": [p for n, p in named if "lora_B" not in n], "lr": lr})  # A (and DoRA's magnitudes)
+        groups.append({"params": [p for n, p in named if "lora_B" in n], "lr": lr * (cfg.LORAPLUS_LR_RATIO or 1.0)})
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(params, cfg, cuda):  # params: a list of tensors or of parameter groups
     """AdamW over the LoRA tensors: fused into one kernel on a GPU, multi-tensor (foreach) on a CPU,
     or bitsandbytes' 8-bit AdamW (its two moment tensors in 8 bits instead of 32)."""
     if cfg.USE_8BIT_ADAM:
@@ -495,34 +581,45 @@ def make_optimizer(params, cfg, cuda):
 # =============================================================================
 # 6. Save the adapter, then check that the file is the model we trained
 # =============================================================================
-def lora_state_dict(unet):
-    """The LoRA tensors under diffusers' key names ('unet.' prefix), fp32, on the CPU."""
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def lora_state_dict(unet, text_encoder=None, dtype=torch.float32):
+    """The LoRA tensors under diffusers' key names ('unet.' / 'text_encoder.' prefixes), on the CPU."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    return {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+    tensors = {}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is not None:
+            sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            tensors.update({f"{prefix}.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()})
+    return tensors
 
 
-def lora_file_metadata(unet, cfg):
-    """safetensors metadata: diffusers reads 'lora_adapter_metadata' (rank, alpha, targets) to
-    rebuild the adapter at the trained strength; 'training_config' records how it was made."""
-    lora_meta = unet.peft_config["default"].to_dict()
-    lora_meta = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in lora_meta.items()}
+def lora_file_metadata(unet, cfg, text_encoder=None):
+    """safetensors metadata: diffusers reads 'lora_adapter_metadata' (rank, alpha, targets, DoRA/rsLoRA)
+    to rebuild each adapter at its trained strength; 'training_config' records how it was made."""
+    lora_meta = {}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is not None:
+            config = model.peft_config["default"].to_dict()
+            lora_meta.update({f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()})
     return {"format": "pt", "lora_adapter_metadata": json.dumps(lora_meta, sort_keys=True, default=str),
             "training_config": cfg.to_json()}
 
 
-def save_lora(path, unet, cfg):
+def save_lora(path, unet, cfg, text_encoder=None, dtype=None):
+    """Write the diffusers-format LoRA file atomically; refuse NaN/inf weights."""
     from safetensors.torch import save_file
 
-    tensors = lora_state_dict(unet)
+    tensors = lora_state_dict(unet, text_encoder, dtype or SAVE_DTYPES[cfg.SAVE_DTYPE])
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:  # never replace good weights with broken ones
         raise UserError(f"training diverged: {len(bad)} LoRA tensors hold NaN/inf (e.g. {bad[0]}), so {path} was not "
                         "written — lower LEARNING_RATE, use bf16 or MIXED_PRECISION=no, or --VAE_FP32=True; earlier files are kept")
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=lora_file_metadata(unet, cfg))
+        save_file(tensors, tmp, metadata=lora_file_metadata(unet, cfg, text_encoder))
     return sum(v.numel() for v in tensors.values())
 
 
@@ -546,8 +643,10 @@ def check_saved_lora(unet, path, cfg, autocast):
         unet.disable_adapters()
         y_base = unet(z, t, c, return_dict=False)[0].float()
         unet.enable_adapters()
-        unet.load_lora_adapter(path, prefix="unet", adapter_name="reloaded")
+        # folder + weight_name: diffusers reads the alpha metadata only on its safetensors path
+        unet.load_lora_adapter(os.path.dirname(path), weight_name=os.path.basename(path), prefix="unet", adapter_name="reloaded")
         unet.set_adapter("reloaded")
+        unet.eval()  # the new adapter's dropout modules were created in training mode
         y_reloaded = unet(z, t, c, return_dict=False)[0].float()
     unet.delete_adapters("reloaded")
     unet.set_adapter("default")
@@ -557,60 +656,198 @@ def check_saved_lora(unet, path, cfg, autocast):
     return diff, effect, tolerance
 
 
+def save_webui_file(cfg, unet, text_encoder, steps, num_images, t_start):
+    """OUTPUT_DIR/<OUTPUT_NAME>.safetensors with kohya-style keys (lora_unet_..., lora_te_...,
+    .lora_down/.lora_up/.alpha): the format Stable Diffusion WebUI and ComfyUI read."""
+    from peft.utils import get_peft_model_state_dict
+
+    from lora_tools.kohya import kohya_metadata, save_kohya_file
+
+    if cfg.USE_DORA:
+        print0("note: USE_DORA=True — no WebUI/ComfyUI file written (their DoRA key conventions differ); use the diffusers file")
+        return None
+    te_sd = get_peft_model_state_dict(text_encoder) if text_encoder is not None else {}
+    info = dict(cfg.as_dict(), steps=steps, num_images=num_images, started_at=t_start, finished_at=time.time())
+    path = os.path.join(cfg.OUTPUT_DIR, f"{cfg.OUTPUT_NAME}.safetensors")
+    # kohya files always mean an α/r scale; with rsLoRA (α/√r) the file carries α' = α·√r
+    save_kohya_file(path, get_peft_model_state_dict(unet), te_sd, cfg.LORA_ALPHA, cfg.LORA_ALPHA, kohya_metadata(info),
+                    SAVE_DTYPES[cfg.SAVE_DTYPE], use_rslora=cfg.USE_RSLORA)
+    return path
+
+
+def report_rank_spectrum(cfg, unet):
+    """Look inside the adapter: singular values of every learned update ΔW = (α/r)·B·A, and how much
+    of each update's energy its top 1, 2, ... r directions carry (Hu et al. 2021's low-rank idea, measured)."""
+    from lora_tools.pictures import lora_updates, save_spectrum_plot, spectrum_table
+
+    if cfg.USE_DORA:
+        print0("note: USE_DORA=True — no rank spectrum (a DoRA update also rescales W0's columns, it is not (α/r)·B·A)")
+        return
+    rows, text = spectrum_table(lora_updates(unet))
+    print0(text)
+    save_spectrum_plot(rows, os.path.join(cfg.OUTPUT_DIR, "rank_spectrum.png"))
+
+
+def plot_loss_curve(metrics_path, png_path):
+    from lora_tools.pictures import read_metrics, save_loss_curve
+
+    records = read_metrics(metrics_path)
+    if records:
+        save_loss_curve(records, png_path)
+
+
 # =============================================================================
 # 7. Load base + LoRA as any user would, and generate
 # =============================================================================
-def generate_image(cfg, weights_dir, dtype, device):
+def load_pipeline_with_lora(cfg, weights_dir, dtype, weight_name=WEIGHTS_NAME):
     """StableDiffusionPipeline.from_pretrained + load_lora_weights: plain diffusers, nothing of ours."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(cfg.MODEL_ID, revision=cfg.REVISION, dtype=dtype,
                                                    safety_checker=None, requires_safety_checker=False)
-    pipe.load_lora_weights(weights_dir, weight_name=WEIGHTS_NAME)
-    pipe.to(device)
-    pipe.set_progress_bar_config(desc="generating")
-    generator = torch.Generator().manual_seed(cfg.SEED)  # CPU generator: the same noise on any device
-    return pipe(cfg.VALIDATION_PROMPT, height=cfg.RESOLUTION, width=cfg.RESOLUTION, generator=generator,
-                num_inference_steps=cfg.NUM_INFERENCE_STEPS, guidance_scale=cfg.GUIDANCE_SCALE).images[0]
+    pipe.load_lora_weights(weights_dir, weight_name=weight_name)
+    return pipe
+
+
+def render(pipe, cfg, prompts, seeds):
+    """One image per (prompt, seed), each from its own CPU generator: the same noise on any device."""
+    pipe.set_progress_bar_config(disable=True)
+    return [pipe(p, height=cfg.RESOLUTION, width=cfg.RESOLUTION, num_inference_steps=cfg.NUM_INFERENCE_STEPS,
+                 guidance_scale=cfg.GUIDANCE_SCALE, generator=torch.Generator().manual_seed(s)).images[0]
+            for p in prompts for s in seeds]
+
+
+def validation_grid(pipe, cfg):
+    """VALIDATION_PROMPTS (rows) x NUM_VALIDATION_SEEDS (columns), as one labelled picture."""
+    from lora_tools.pictures import image_grid
+
+    seeds = [cfg.SEED + i for i in range(cfg.NUM_VALIDATION_SEEDS)]
+    images = render(pipe, cfg, cfg.VALIDATION_PROMPTS, seeds)
+    return image_grid(images, rows=len(cfg.VALIDATION_PROMPTS), labels=[f"seed {s}" for s in seeds],
+                      row_labels=list(cfg.VALIDATION_PROMPTS))
+
+
+def save_png(image, path):
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def save_comparison(pipe, cfg, path):
+    """comparison.png: the same prompts and seed without (top) and with (bottom) the LoRA."""
+    from lora_tools.pictures import comparison_image
+
+    pipe.disable_lora()
+    base = render(pipe, cfg, cfg.VALIDATION_PROMPTS, [cfg.SEED])
+    pipe.enable_lora()
+    tuned = render(pipe, cfg, cfg.VALIDATION_PROMPTS, [cfg.SEED])
+    save_png(comparison_image(base, tuned, list(cfg.VALIDATION_PROMPTS)), path)
+
+
+@torch.no_grad()
+def log_validation(cfg, accelerator, unet, text_encoder, dtype, step):
+    """Mid-training pictures: the model being trained, wrapped in a pipeline (VAE and, unless trained,
+    text encoder reloaded from MODEL_ID), rendering VALIDATION_PROMPTS into validation/step-<N>.png."""
+    from diffusers import StableDiffusionPipeline
+
+    parts = dict(unet=accelerator.unwrap_model(unet))
+    if cfg.TRAIN_TEXT_ENCODER:
+        parts["text_encoder"] = accelerator.unwrap_model(text_encoder)
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.MODEL_ID, revision=cfg.REVISION, dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False, **parts).to(accelerator.device)
+    for model in parts.values():
+        model.eval()
+    with accelerator.autocast():
+        grid = validation_grid(pipe, cfg)
+    path = os.path.join(cfg.OUTPUT_DIR, "validation", f"step-{step:06d}.png")
+    save_png(grid, path)
+    del pipe
+    return path
+
+
+def merge_and_save(pipe, folder):
+    """SAVE_MERGED_MODEL: W = W0 + (α/r)·B·A written into the base weights (Hu et al. 2021, Sec. 4.1:
+    no extra inference latency), saved as a full pipeline folder that needs no LoRA loading."""
+    import shutil
+    import tempfile
+
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()  # the fused weights stay; only the adapter modules go
+    parent = os.path.dirname(os.path.abspath(folder))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".merged-")
+    try:
+        pipe.save_pretrained(tmp)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # =============================================================================
 # Checkpoints, resume, interruption (helpers of the loop in main)
 # =============================================================================
-def save_training_checkpoint(cfg, step, unet, optimizer, lr_scheduler, accelerator):
+def save_training_checkpoint(cfg, step, unet, text_encoder, optimizer, lr_scheduler, accelerator):
     from lora_tools.checkpoint import save_checkpoint
 
-    raw = accelerator.unwrap_model(unet)
-    path = save_checkpoint(cfg.OUTPUT_DIR, step, lambda p: save_lora(p, raw, cfg), optimizer, lr_scheduler,
-                           accelerator.scaler, {"global_step": step}, cfg.to_json(), cfg.CHECKPOINTS_TOTAL_LIMIT)
-    return path
+    raw_unet = accelerator.unwrap_model(unet)
+    raw_te = accelerator.unwrap_model(text_encoder) if cfg.TRAIN_TEXT_ENCODER else None
+    write = lambda p: save_lora(p, raw_unet, cfg, raw_te, dtype=torch.float32)  # fp32: resume must be exact  # noqa: E731
+    return save_checkpoint(cfg.OUTPUT_DIR, step, write, optimizer, lr_scheduler, accelerator.scaler,
+                           {"global_step": step}, cfg.to_json(), cfg.CHECKPOINTS_TOTAL_LIMIT)
 
 
-def restore_checkpoint(path, cfg, unet, optimizer, lr_scheduler, accelerator):
+def restore_checkpoint(path, cfg, unet, text_encoder, optimizer, lr_scheduler, accelerator):
     """Load the LoRA weights, optimizer, schedule and scaler state of checkpoint `path`.
     Returns (global_step, rng_states); the RNG states are restored by the loop at the right moment."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
     from lora_tools.checkpoint import load_checkpoint
 
     lora, state, old = load_checkpoint(path)
-    for key in ("LORA_RANK", "TARGET_MODULES"):
-        if old.get(key) != getattr(cfg, key):
-            raise UserError(f"{path} was trained with {key}={old.get(key)!r}, this run has {getattr(cfg, key)!r} — "
+    now = cfg.as_dict()
+    for key in ("LORA_RANK", "TARGET_MODULES", "USE_DORA", "TRAIN_TEXT_ENCODER", "TEXT_ENCODER_TARGET_MODULES"):
+        before = old.get(key, globals()[key])  # a key the checkpoint lacks had its default then
+        if before != now[key]:
+            raise UserError(f"{path} was trained with {key}={before!r}, this run has {now[key]!r} — "
                             f"use the same --{key} to resume")
-    changed = [k for k in ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "SEED", "LORA_ALPHA", "LEARNING_RATE") if old.get(k) != getattr(cfg, k)]
+    changed = [k for k in ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "SEED", "LORA_ALPHA", "LEARNING_RATE") if old.get(k) != now[k]]
     if changed:
         print0(f"note: {', '.join(changed)} differ from the checkpoint's run: the continuation will not be exact")
-    unet_lora = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in lora.items() if k.startswith("unet.")})
-    result = set_peft_model_state_dict(accelerator.unwrap_model(unet), unet_lora, adapter_name="default")
-    if getattr(result, "unexpected_keys", None):
-        raise UserError(f"{path} does not match this model: unexpected keys such as {result.unexpected_keys[0]}")
+    parts = [("unet.", unet, convert_unet_state_dict_to_peft)]
+    if cfg.TRAIN_TEXT_ENCODER:
+        parts.append(("text_encoder.", text_encoder, convert_state_dict_to_peft))
+    for prefix, model, to_peft in parts:
+        sd = to_peft({k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)})
+        result = set_peft_model_state_dict(accelerator.unwrap_model(model), sd, adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"{path} does not match this model: unexpected keys such as {result.unexpected_keys[0]}")
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     return state["position"]["global_step"], state["rng"]
+
+
+def start_metrics(path, resume_step):
+    """metrics.jsonl: one line per optimizer step. A fresh run starts it anew; a resumed run keeps
+    the lines up to its checkpoint's step."""
+    kept = []
+    if resume_step and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if r["step"] <= resume_step:
+                    kept.append(r)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def append_metrics(path, records):
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 class StopRequest:
@@ -654,12 +891,14 @@ def main(argv):
 
     from lora_tools.checkpoint import resolve_resume, set_rng_states
 
+    check_environment(cfg)
     cuda = torch.cuda.is_available()
     mixed_precision = resolve_mixed_precision(cfg.MIXED_PRECISION, cuda)
     weight_dtype = DTYPES[mixed_precision]  # dtype of every frozen weight
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda,
                               gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS,
-                              dataloader_config=DataLoaderConfiguration(non_blocking=cuda))  # async copies from pinned memory
+                              dataloader_config=DataLoaderConfiguration(non_blocking=cuda),  # async copies from pinned memory
+                              log_with=cfg.REPORT_TO, project_dir=os.path.join(cfg.OUTPUT_DIR, "logs"))
     device = accelerator.device
     if not cuda:
         print0("no CUDA GPU visible: training on the CPU in fp32 — fine for --DEMO=True, far too slow for SD1.5")
@@ -694,8 +933,12 @@ def main(argv):
 
     # --- 3. add LoRA ------------------------------------------------------------
     lora_params = add_lora(unet, cfg)
+    if cfg.TRAIN_TEXT_ENCODER:
+        lora_params += add_text_encoder_lora(text_encoder, cfg)
     trainable = sum(p.numel() for p in lora_params)
-    print0(f"LoRA r={cfg.LORA_RANK}, α={cfg.LORA_ALPHA} (scale α/r = {cfg.LORA_ALPHA / cfg.LORA_RANK:g}) on {cfg.TARGET_MODULES}")
+    scale = cfg.LORA_ALPHA / (math.sqrt(cfg.LORA_RANK) if cfg.USE_RSLORA else cfg.LORA_RANK)
+    print0(f"LoRA r={cfg.LORA_RANK}, α={cfg.LORA_ALPHA} (scale {'α/√r' if cfg.USE_RSLORA else 'α/r'} = {scale:g}"
+           f"{', DoRA' if cfg.USE_DORA else ''}) on {list(cfg.TARGET_MODULES)}{' + text encoder' if cfg.TRAIN_TEXT_ENCODER else ''}")
     print0(f"trainable LoRA parameters: {trainable:,} = {100 * trainable / base_params:.3f}% of the UNet's {base_params:,} (frozen, {weight_dtype}); LoRA in fp32")
     if cfg.GRADIENT_CHECKPOINTING:
         unet.enable_gradient_checkpointing()
@@ -705,7 +948,9 @@ def main(argv):
     scaling_factor = vae.config.scaling_factor  # SD1.x: 0.18215, puts z0 at roughly unit variance
     if cfg.CACHE_LATENTS:
         dataset = cache_latents(dataset, vae, text_encoder, cfg, show_progress=accelerator.is_local_main_process)
-        vae = text_encoder = None  # done with the frozen encoders: free their memory for the UNet
+        vae = None  # done with the frozen encoders: free their memory for the UNet
+        if not cfg.TRAIN_TEXT_ENCODER:
+            text_encoder = None
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -720,10 +965,12 @@ def main(argv):
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    optimizer = make_optimizer(lora_params, cfg, cuda)
+    optimizer = make_optimizer(lora_param_groups(cfg, unet, text_encoder if cfg.TRAIN_TEXT_ENCODER else None), cfg, cuda)
     if cfg.COMPILE:
         unet = torch.compile(unet)
-    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    trained = [unet, text_encoder] if cfg.TRAIN_TEXT_ENCODER else [unet]
+    *trained, optimizer, train_dataloader = accelerator.prepare(*trained, optimizer, train_dataloader)
+    unet, text_encoder = trained[0], trained[1] if cfg.TRAIN_TEXT_ENCODER else text_encoder
     steps_per_epoch = math.ceil(len(train_dataloader) / cfg.GRADIENT_ACCUMULATION_STEPS)
     max_train_steps = cfg.MAX_TRAIN_STEPS or cfg.NUM_EPOCHS * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
@@ -737,15 +984,21 @@ def main(argv):
 
     global_step, resume_rng = 0, None
     if resume_path is not None:
-        global_step, resume_rng = restore_checkpoint(resume_path, cfg, unet, optimizer, lr_scheduler, accelerator)
+        global_step, resume_rng = restore_checkpoint(resume_path, cfg, unet, text_encoder, optimizer, lr_scheduler, accelerator)
         print0(f"resumed from {resume_path} at step {global_step}")
     first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
     skip_batches *= cfg.GRADIENT_ACCUMULATION_STEPS  # micro-batches of the resumed epoch already trained on
+    metrics_path = os.path.join(cfg.OUTPUT_DIR, "metrics.jsonl")
+    if accelerator.is_main_process:
+        start_metrics(metrics_path, global_step)
+    if cfg.REPORT_TO:
+        accelerator.init_trackers("lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.as_dict().items()})
 
-    running_loss, running_count = torch.zeros((), device=device), 0
+    micro_losses, step_losses, step_lrs, seen = [], [], [], []
     progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
     stop = StopRequest()
-    unet.train()
+    for model in trained:
+        model.train()
     t_start = time.time()
     try:
         for epoch in range(first_epoch, num_epochs):
@@ -760,9 +1013,10 @@ def main(argv):
                 set_rng_states(resume_rng)
                 resume_rng = None
             for batch in batches:
-                with accelerator.accumulate(unet):
+                with accelerator.accumulate(*trained):
                     # get batch -> noise -> predict -> loss (the math is in compute_loss, section 5)
-                    loss = compute_loss(batch, unet, noise_scheduler, scaling_factor, vae, text_encoder)
+                    loss = compute_loss(batch, unet, noise_scheduler, scaling_factor, vae, text_encoder,
+                                        snr_gamma=cfg.SNR_GAMMA, noise_offset=cfg.NOISE_OFFSET)
                     # backward (mixed precision: accelerate scales fp16 losses)
                     accelerator.backward(loss)
                     # clip: the list of LoRA tensors, not a generator that the first use exhausts
@@ -771,23 +1025,39 @@ def main(argv):
                     # step (accelerate skips it until the last accumulation micro-batch)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                running_loss += loss.detach()
-                running_count += 1
+                micro_losses.append(loss.detach())
+                seen.append(batch["index"])
                 if not accelerator.sync_gradients:
                     continue
+                step_losses.append(torch.stack(micro_losses).mean())
+                step_lrs.append(lr_scheduler.get_last_lr()[0])
+                micro_losses = []
                 lr_scheduler.step()
                 global_step += 1
                 progress.update(1)
                 # log: one device->host read every LOG_EVERY steps, not one per step
                 if global_step % cfg.LOG_EVERY == 0 or global_step == max_train_steps:
-                    loss_value = (running_loss / running_count).item()
-                    running_loss.zero_()
-                    running_count = 0
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-                    if not math.isfinite(loss_value):
-                        raise UserError(f"training diverged: the loss became {loss_value} by step {global_step} — lower "
+                    values = accelerator.reduce(torch.stack(step_losses), "mean").tolist()
+                    first = global_step - len(values) + 1
+                    records = [{"step": first + i, "loss": v, "lr": lr, "epoch": epoch} for i, (v, lr) in enumerate(zip(values, step_lrs))]
+                    step_losses, step_lrs = [], []
+                    if accelerator.is_main_process:
+                        append_metrics(metrics_path, records)
+                    if cfg.REPORT_TO:
+                        for r in records:
+                            accelerator.log({"loss": r["loss"], "lr": r["lr"]}, step=r["step"])
+                    progress.set_postfix(loss=f"{sum(values) / len(values):.4f}", lr=f"{records[-1]['lr']:.2e}")
+                    if not all(math.isfinite(v) for v in values):
+                        raise UserError(f"training diverged: the loss became {values[-1]} by step {global_step} — lower "
                                         "LEARNING_RATE, use bf16 rather than fp16 (or --VAE_FP32=True), or MIXED_PRECISION=no; "
                                         "no weights were written, earlier checkpoints are kept")
+                # validation pictures every VALIDATION_STEPS
+                if cfg.VALIDATION_STEPS and global_step % cfg.VALIDATION_STEPS == 0 and global_step < max_train_steps:
+                    if accelerator.is_main_process:
+                        path = log_validation(cfg, accelerator, unet, text_encoder, weight_dtype, global_step)
+                        progress.write(f"validation images: {path}")
+                    for model in trained:
+                        model.train()
                 # checkpoint: every CHECKPOINTING_STEPS, and when Ctrl-C / SIGTERM asked us to stop
                 stopping = stop.signum is not None
                 if accelerator.num_processes > 1:  # every process must agree, or one waits forever
@@ -796,7 +1066,7 @@ def main(argv):
                 if (periodic or stopping) and global_step < max_train_steps:
                     accelerator.wait_for_everyone()
                     if accelerator.is_main_process:
-                        path = save_training_checkpoint(cfg, global_step, unet, optimizer, lr_scheduler, accelerator)
+                        path = save_training_checkpoint(cfg, global_step, unet, text_encoder, optimizer, lr_scheduler, accelerator)
                         progress.write(f"checkpoint: {path}")
                     if stopping:
                         progress.close()
@@ -807,39 +1077,51 @@ def main(argv):
                     break
     finally:
         stop.restore()
-    progress.close()
+        progress.close()  # before any error message, so it starts on a line of its own
     print0(f"trained {global_step} steps in {time.time() - t_start:.1f}s")
+    if accelerator.num_processes > 1:  # data parallel: each process trained on its own share of every batch
+        shown = torch.cat(seen).tolist()[:8] if seen else []
+        print(f"process {accelerator.process_index}/{accelerator.num_processes}: {len(seen)} batches, first images {shown}", flush=True)
 
     # --- 6. save and check ------------------------------------------------------
     accelerator.wait_for_everyone()
     unet = accelerator.unwrap_model(unet)
+    text_encoder = accelerator.unwrap_model(text_encoder) if cfg.TRAIN_TEXT_ENCODER else None
     weights_path = os.path.join(cfg.OUTPUT_DIR, WEIGHTS_NAME)
     if accelerator.is_main_process:
-        n = save_lora(weights_path, unet, cfg)
+        n = save_lora(weights_path, unet, cfg, text_encoder)
+        kohya_path = save_webui_file(cfg, unet, text_encoder, global_step, len(dataset), t_start)
         atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "training_config.json"), cfg.to_json() + "\n")
-        print0(f"saved {n:,} LoRA parameters to {weights_path} ({os.path.getsize(weights_path) / 1e6:.2f} MB)")
+        print0(f"saved {n:,} LoRA parameters to {weights_path} ({os.path.getsize(weights_path) / 1e6:.2f} MB, {cfg.SAVE_DTYPE})"
+               + (f" and {kohya_path} (WebUI/ComfyUI keys)" if kohya_path else ""))
         diff, effect, tolerance = check_saved_lora(unet, weights_path, cfg, accelerator.autocast)
         print0(f"reload check: saved file vs trained model, max |Δoutput| = {diff:.2e} (LoRA's own effect {effect:.2e})")
         if diff > tolerance:
             raise RuntimeError(f"the saved LoRA does not reproduce the trained model (max difference {diff:.3g} > {tolerance:.3g})")
+        report_rank_spectrum(cfg, unet)
+        plot_loss_curve(metrics_path, os.path.join(cfg.OUTPUT_DIR, "loss_curve.png"))
 
-    # --- 7. load base + LoRA and generate ----------------------------------------
+    # --- 7. load base + LoRA as a user would, and generate ------------------------
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        del unet, vae, text_encoder, optimizer, train_dataloader, dataset
+        del unet, vae, text_encoder, optimizer, train_dataloader, dataset, trained
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        image = generate_image(cfg, cfg.OUTPUT_DIR, weight_dtype, device)
+        pipe = load_pipeline_with_lora(cfg, cfg.OUTPUT_DIR, weight_dtype).to(device)
         image_path = os.path.join(cfg.OUTPUT_DIR, "test_generation.png")
-        with atomic_path(image_path) as tmp:
-            image.save(tmp, format="PNG")
+        save_png(render(pipe, cfg, [cfg.VALIDATION_PROMPT], [cfg.SEED])[0], image_path)
         print0(f"test image: {image_path} — reproduce it with plain diffusers:\n"
                f"  pipe = StableDiffusionPipeline.from_pretrained({cfg.MODEL_ID!r}, safety_checker=None)\n"
                f"  pipe.load_lora_weights({cfg.OUTPUT_DIR!r})\n"
                f"  pipe({cfg.VALIDATION_PROMPT!r}, height={cfg.RESOLUTION}, width={cfg.RESOLUTION}, "
                f"num_inference_steps={cfg.NUM_INFERENCE_STEPS}, guidance_scale={cfg.GUIDANCE_SCALE}, "
                f"generator=torch.Generator().manual_seed({cfg.SEED})).images[0]")
+        save_comparison(pipe, cfg, os.path.join(cfg.OUTPUT_DIR, "comparison.png"))
+        if cfg.SAVE_MERGED_MODEL:
+            merged = os.path.join(cfg.OUTPUT_DIR, "merged_pipeline")
+            merge_and_save(pipe, merged)
+            print0(f"merged pipeline (LoRA fused into the weights): {merged}")
     accelerator.end_training()
 
 

@@ -11,6 +11,7 @@ The rules (each one tested in tests/test_config.py):
 - every override is printed.
 """
 import ast
+import copy
 import difflib
 import json
 
@@ -58,7 +59,7 @@ def parse_value(name, text, default):
 
 def parse_overrides(argv, defaults, log=print):
     """Apply `--NAME=value` arguments to a copy of `defaults` (a dict) and return it."""
-    config = dict(defaults)
+    config = copy.deepcopy(dict(defaults))  # lists are copied: the module's defaults never change
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"cannot read argument {arg!r}: every setting is given as --NAME=value, e.g. --LORA_RANK=8")
@@ -76,13 +77,14 @@ class Config:
     """A read-only view of the resolved settings: cfg.LORA_RANK, cfg.as_dict()."""
 
     def __init__(self, values):
-        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_values", copy.deepcopy(dict(values)))
 
     def __getattr__(self, name):
         try:
-            return self._values[name]
+            value = self._values[name]
         except KeyError:
             raise AttributeError(name) from None
+        return tuple(value) if isinstance(value, list) else value  # a list handed out could be changed
 
     def __setattr__(self, name, value):
         raise AttributeError(f"the config is frozen after parsing; cannot set {name}")

@@ -24,7 +24,8 @@ def to_rgb(img):
     img = ImageOps.exif_transpose(img)  # a phone photo's pixels are stored sideways; EXIF says how to turn them
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescale, don't clip at 255
         a = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if a.max() > 255 else 255.0
+        # 16-bit modes span 0..65535; mode "I" (32-bit) says nothing about its range, so guess from the data
+        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -95,7 +96,10 @@ def read_folder(folder, caption_column=None):
                 caption = captions[path]
             else:
                 txt = os.path.splitext(path)[0] + ".txt"
-                caption = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else None
+                caption = None
+                if os.path.isfile(txt):
+                    with open(txt, encoding="utf-8") as f:
+                        caption = f.read().strip()
             if not caption:
                 warnings.warn(f"no caption for {path}: training it with an empty caption", stacklevel=2)
                 caption = ""
