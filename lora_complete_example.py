@@ -48,7 +48,7 @@ DATA_DIR = None  # local folder (imagefolder with metadata.jsonl/.csv, or images
 IMAGE_COLUMN = None  # column holding the images; None = guess ("image", ...)
 CAPTION_COLUMN = None  # column holding the captions; None = guess ("text", "caption", ...)
 MAX_TRAIN_SAMPLES = None  # use only the first N images (quick experiments); None = all
-RESOLUTION = 512  # training size in pixels, a multiple of 8 (SD1.5 was trained at 512)
+RESOLUTION = 512  # training size in pixels, a multiple of 8 (512 is SD1.5's native size)
 CENTER_CROP = True  # True = center crop after resizing; False = random crop (needs CACHE_LATENTS=False)
 RANDOM_FLIP = True  # random horizontal flips (a cheap 2x augmentation)
 CACHE_LATENTS = True  # encode every image and caption once, before training (the encoders are frozen)
@@ -63,7 +63,7 @@ USE_RSLORA = False  # rsLoRA (Kalajdzievski 2023): scale by α/√r instead of �
 TRAIN_TEXT_ENCODER = False  # also put LoRA on the CLIP text encoder (prompts can't then be cached)
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention projections
 # optimisation
-LEARNING_RATE = 1e-4  # AdamW step size for the LoRA weights (LoRA tolerates ~100x full fine-tuning's)
+LEARNING_RATE = 1e-4  # AdamW step size for the LoRA weights (the HF LoRA blog: 1e-4, vs ~1e-6 for full fine-tuning)
 TEXT_ENCODER_LEARNING_RATE = None  # for the text encoder's LoRA; None = LEARNING_RATE (often set 2-10x lower)
 LORAPLUS_LR_RATIO = None  # LoRA+ (Hayou et al. 2024): B matrices learn at LEARNING_RATE x this (> 1); None = off
 SNR_GAMMA = None  # Min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is the paper's default; None = plain MSE
@@ -77,9 +77,9 @@ LR_WARMUP_STEPS = 0  # optimizer steps of linear warm-up from 0 to LEARNING_RATE
 MAX_GRAD_NORM = 1.0  # clip the LoRA gradients' global L2 norm to this; None = no clipping
 ADAM_WEIGHT_DECAY = 1e-2  # AdamW decoupled weight decay
 MIXED_PRECISION = "auto"  # auto | no | fp16 | bf16; auto = bf16 where the GPU has it, else fp16; fp32 on a CPU
-ALLOW_TF32 = True  # TF32 tensor cores for fp32 matmuls on Ampere+ GPUs (~3x faster, ~1e-3 relative error)
+ALLOW_TF32 = True  # TF32 tensor cores for fp32 matmuls on Ampere+ GPUs (faster; 10-bit mantissa instead of 23)
 VAE_FP32 = False  # keep the VAE in fp32 under fp16 (the SD VAE can overflow to NaN in fp16)
-GRADIENT_CHECKPOINTING = False  # recompute UNet activations in backward: much less memory, ~30% slower
+GRADIENT_CHECKPOINTING = False  # recompute UNet activations in backward: less memory, more compute (see benchmarks/)
 USE_8BIT_ADAM = False  # bitsandbytes 8-bit AdamW states (pip install bitsandbytes; GPU only)
 COMPILE = False  # torch.compile the UNet (slow first step, faster after)
 SEED = 42  # seeds data order, noise, timesteps, LoRA init and the test image
@@ -248,6 +248,25 @@ def resolve_mixed_precision(requested, cuda):
 
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def keep_host_memory():
+    """CPU training on Linux: by default glibc hands large freed blocks back to the OS and maps them
+    again at the next step (page faults every step), and the VAE's big blocks during caching change
+    that policy for the rest of the run. Keeping freed host memory for reuse makes every step run at
+    the same speed as a bare UNet step; the process keeps its peak memory, which it needs anyway."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): leave the allocator alone
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from <malloc.h>
+    big = 2**30  # 1 GiB: larger than any single activation block we free and reallocate
+    return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
 
 
 # =============================================================================
@@ -451,7 +470,8 @@ class CachedLatents(torch.utils.data.Dataset):
 def encode_images(vae, pixels):
     """E(x): pixels (B, 3, R, R) -> posterior mean and std, each (B, 4, R/8, R/8)."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean, dist.std
+    # contiguous: on a CPU the VAE hands back channels-last tensors, which the UNet would then inherit
+    return dist.mean.contiguous(), dist.std.contiguous()
 
 
 def encode_text(text_encoder, input_ids):
@@ -893,6 +913,8 @@ def main(argv):
 
     check_environment(cfg)
     cuda = torch.cuda.is_available()
+    if not cuda:
+        keep_host_memory()
     mixed_precision = resolve_mixed_precision(cfg.MIXED_PRECISION, cuda)
     weight_dtype = DTYPES[mixed_precision]  # dtype of every frozen weight
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda,
