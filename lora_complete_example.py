@@ -774,9 +774,9 @@ def log_validation(cfg, accelerator, unet, text_encoder, dtype, step):
     text encoder reloaded from MODEL_ID), rendering VALIDATION_PROMPTS into validation/step-<N>.png."""
     from diffusers import StableDiffusionPipeline
 
-    parts = dict(unet=accelerator.unwrap_model(unet))
+    parts = dict(unet=unwrap(accelerator, unet))
     if cfg.TRAIN_TEXT_ENCODER:
-        parts["text_encoder"] = accelerator.unwrap_model(text_encoder)
+        parts["text_encoder"] = unwrap(accelerator, text_encoder)
     pipe = StableDiffusionPipeline.from_pretrained(cfg.MODEL_ID, revision=cfg.REVISION, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False, **parts).to(accelerator.device)
     for model in parts.values():
@@ -811,11 +811,17 @@ def merge_and_save(pipe, folder):
 # =============================================================================
 # Checkpoints, resume, interruption (helpers of the loop in main)
 # =============================================================================
+def unwrap(accelerator, model):
+    """The plain module, without the DDP and torch.compile wrappers (a compiled wrapper would keep
+    running its traced graph after adapters are added or switched, and prefixes its parameter names)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def save_training_checkpoint(cfg, step, unet, text_encoder, optimizer, lr_scheduler, accelerator):
     from lora_tools.checkpoint import save_checkpoint
 
-    raw_unet = accelerator.unwrap_model(unet)
-    raw_te = accelerator.unwrap_model(text_encoder) if cfg.TRAIN_TEXT_ENCODER else None
+    raw_unet = unwrap(accelerator, unet)
+    raw_te = unwrap(accelerator, text_encoder) if cfg.TRAIN_TEXT_ENCODER else None
     write = lambda p: save_lora(p, raw_unet, cfg, raw_te, dtype=torch.float32)  # fp32: resume must be exact  # noqa: E731
     return save_checkpoint(cfg.OUTPUT_DIR, step, write, optimizer, lr_scheduler, accelerator.scaler,
                            {"global_step": step}, cfg.to_json(), cfg.CHECKPOINTS_TOTAL_LIMIT)
@@ -844,7 +850,7 @@ def restore_checkpoint(path, cfg, unet, text_encoder, optimizer, lr_scheduler, a
         parts.append(("text_encoder.", text_encoder, convert_state_dict_to_peft))
     for prefix, model, to_peft in parts:
         sd = to_peft({k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)})
-        result = set_peft_model_state_dict(accelerator.unwrap_model(model), sd, adapter_name="default")
+        result = set_peft_model_state_dict(unwrap(accelerator, model), sd, adapter_name="default")
         if getattr(result, "unexpected_keys", None):
             raise UserError(f"{path} does not match this model: unexpected keys such as {result.unexpected_keys[0]}")
     optimizer.load_state_dict(state["optimizer"])
@@ -1112,8 +1118,8 @@ def main(argv):
 
     # --- 6. save and check ------------------------------------------------------
     accelerator.wait_for_everyone()
-    unet = accelerator.unwrap_model(unet)
-    text_encoder = accelerator.unwrap_model(text_encoder) if cfg.TRAIN_TEXT_ENCODER else None
+    unet = unwrap(accelerator, unet)
+    text_encoder = unwrap(accelerator, text_encoder) if cfg.TRAIN_TEXT_ENCODER else None
     weights_path = os.path.join(cfg.OUTPUT_DIR, WEIGHTS_NAME)
     if accelerator.is_main_process:
         n = save_lora(weights_path, unet, cfg, text_encoder)

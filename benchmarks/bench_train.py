@@ -190,9 +190,9 @@ def measure(spec):
     peak = peak_memory_bytes(cuda)
     h = res // 8  # FLOPs of the UNet's forward + backward at this shape, counted once (untimed)
     z, t = torch.randn(bs, 4, h, h, device=device), torch.randint(0, 1000, (bs,), device=device)
-    c = torch.randn(bs, 77, accelerator.unwrap_model(unet).config.cross_attention_dim, device=device, dtype=weight_dtype)
+    c = torch.randn(bs, 77, accelerator.unwrap_model(unet, keep_torch_compile=False).config.cross_attention_dim, device=device, dtype=weight_dtype)
     with accelerator.autocast():
-        flops = count_unet_flops(accelerator.unwrap_model(unet), z, t, c)
+        flops = count_unet_flops(accelerator.unwrap_model(unet, keep_torch_compile=False), z, t, c)
     sec = statistics.median(times)
     return dict(spec, device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 mixed_precision=mixed_precision, steps=steps, warmup=warmup, sec_per_step=sec,
