@@ -670,8 +670,8 @@ def check_saved_lora(unet, path, cfg, autocast):
         unet.set_adapter("reloaded")
         unet.eval()  # the new adapter's dropout modules were created in training mode
         y_reloaded = unet(z, t, c, return_dict=False)[0].float()
-    unet.delete_adapters("reloaded")
     unet.set_adapter("default")
+    unet.delete_adapters("reloaded")
     diff = (y_reloaded - y_trained).abs().max().item()
     effect = (y_trained - y_base).abs().max().item()
     base_dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)

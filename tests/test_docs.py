@@ -209,7 +209,6 @@ ALLOWED_NON_CONFIG = {
     *MISSPELT_EXAMPLES,
     "CUDA_VISIBLE_DEVICES", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_HOME", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM",
     "RANK",  # set by accelerate in each process
-    "EXPECTED_RESULTS_PLACEHOLDER",  # README draft marker: delete this entry once 'Expected results' is written
 }
 # UPPER_CASE words with an underscore; a one-letter first part (W_Q, L_LDM) is maths, not a setting
 UNDERSCORED_RE = re.compile(r"(?<![\w])[A-Z][A-Z0-9]+(?:_[A-Z0-9]+)+(?![\w])")
