@@ -1027,7 +1027,7 @@ def main(argv):
     if cfg.REPORT_TO:
         accelerator.init_trackers("lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.as_dict().items()})
 
-    micro_losses, step_losses, step_lr_epoch, seen = [], [], [], []
+    micro_losses, step_losses, step_lr_epoch, first_images, num_batches = [], [], [], [], 0
     progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
     stop = StopRequest()
     for model in trained:
@@ -1059,7 +1059,9 @@ def main(argv):
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 micro_losses.append(loss.detach())
-                seen.append(batch["index"])
+                num_batches += 1
+                if len(first_images) < 2:  # which images this process drew first (reported with several processes)
+                    first_images.append(batch["index"])
                 if not accelerator.sync_gradients:
                     continue
                 step_losses.append(torch.stack(micro_losses).mean())
@@ -1113,8 +1115,8 @@ def main(argv):
         progress.close()  # before any error message, so it starts on a line of its own
     print0(f"trained {global_step} steps in {time.time() - t_start:.1f}s")
     if accelerator.num_processes > 1:  # data parallel: each process trained on its own share of every batch
-        shown = torch.cat(seen).tolist()[:8] if seen else []
-        print(f"process {accelerator.process_index}/{accelerator.num_processes}: {len(seen)} batches, first images {shown}", flush=True)
+        shown = torch.cat(first_images).tolist()[:8] if first_images else []
+        print(f"process {accelerator.process_index}/{accelerator.num_processes}: {num_batches} batches, first images {shown}", flush=True)
 
     # --- 6. save and check ------------------------------------------------------
     accelerator.wait_for_everyone()
