@@ -198,3 +198,20 @@ def test_compare_runs_refuses_what_is_not_a_run(two_runs, tmp_path):
         compare_runs.main([two_runs[0], str(tmp_path)])
     with pytest.raises(UserError, match="at least two"):
         compare_runs.main([two_runs[0]])
+
+
+# ----------------------------------------------------------------------------- attention kernel
+def test_unet_attention_runs_on_pytorch_sdpa(make_cfg, load_tiny, monkeypatch):
+    """Every attention layer of the loaded UNet uses PyTorch's fused scaled_dot_product_attention."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    _, _, _, unet, _ = load_tiny(make_cfg())
+    processors = unet.attn_processors
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    z, c = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        unet(z, torch.tensor([1]), c)
+    assert len(calls) == len(processors)  # one fused kernel call per attention layer
