@@ -585,6 +585,12 @@ def lora_param_groups(cfg, unet, text_encoder=None):
     return [g for g in groups if g["params"]]
 
 
+def unwrap(accelerator, model):
+    """The plain module, without the DDP and torch.compile wrappers (a compiled wrapper would keep
+    running its traced graph after adapters are added or switched, and prefixes its parameter names)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def make_optimizer(params, cfg, cuda):  # params: a list of tensors or of parameter groups
     """AdamW over the LoRA tensors: fused into one kernel on a GPU, multi-tensor (foreach) on a CPU,
     or bitsandbytes' 8-bit AdamW (its two moment tensors in 8 bits instead of 32)."""
@@ -811,12 +817,6 @@ def merge_and_save(pipe, folder):
 # =============================================================================
 # Checkpoints, resume, interruption (helpers of the loop in main)
 # =============================================================================
-def unwrap(accelerator, model):
-    """The plain module, without the DDP and torch.compile wrappers (a compiled wrapper would keep
-    running its traced graph after adapters are added or switched, and prefixes its parameter names)."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
-
-
 def save_training_checkpoint(cfg, step, unet, text_encoder, optimizer, lr_scheduler, accelerator):
     from lora_tools.checkpoint import save_checkpoint
 
@@ -863,16 +863,9 @@ def restore_checkpoint(path, cfg, unet, text_encoder, optimizer, lr_scheduler, a
 def start_metrics(path, resume_step):
     """metrics.jsonl: one line per optimizer step. A fresh run starts it anew; a resumed run keeps
     the lines up to its checkpoint's step."""
-    kept = []
-    if resume_step and os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if r["step"] <= resume_step:
-                    kept.append(r)
+    from lora_tools.pictures import read_metrics  # ignores a last line cut short by a crash
+
+    kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if resume_step and os.path.isfile(path) else []
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
