@@ -3,29 +3,30 @@
 The equivalence check: a tiny SD1.x pipeline gets LoRA on its UNet (diffusers' add_adapter) and on
 its CLIP text encoder (PEFT's inject_adapter_in_model), with alpha != rank and non-zero B; we record
 the UNet output on a fixed (latents, t, text embeddings) input and the text encoder's
-last_hidden_state on fixed token ids. Each file (the diffusers one as a control, then the kohya one)
-is loaded into a FRESH pipeline with `pipe.load_lora_weights` — diffusers' own kohya loader — and
-must reproduce both outputs, without any message about unexpected or missing keys.
+last_hidden_state on fixed token ids. The kohya file is loaded into a FRESH pipeline with
+`pipe.load_lora_weights` — diffusers' own kohya loader — and must reproduce both outputs, without
+any message about unexpected or missing keys.
+
+The pins (PIN_*) are the files the exporter wrote before it was rebuilt on diffusers'
+convert_state_dict_to_kohya: key set, every .alpha value and the metadata dict stay exactly so.
 """
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import datetime  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
+from collections import Counter  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import capture_library_messages, key_complaints  # noqa: E402
 from lora_tools.config import UserError  # noqa: E402
-from lora_tools.kohya import (  # noqa: E402
-    KNOWN_INFO_KEYS,
-    kohya_metadata,
-    kohya_module_name,
-    save_kohya_file,
-    to_kohya,
-)
+from lora_tools.kohya import kohya_metadata, save_kohya_file, to_kohya  # noqa: E402
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -106,9 +107,62 @@ def read_file(path):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-def peft_metadata(config):
-    d = config.to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
+def f32(x):
+    """x as a float32 .alpha tensor holds it."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+# ----------------------------------------------------------------------------- the pins
+def fingerprint(tensors):
+    """(entries, sha256 of the sorted key list, {.alpha value: how many layers}) of a kohya file."""
+    assert all(v.shape == () and v.dtype == torch.float32 for k, v in tensors.items() if k.endswith(".alpha"))
+    keys = hashlib.sha256("\n".join(sorted(tensors)).encode()).hexdigest()
+    return len(tensors), keys, dict(Counter(v.item() for k, v in tensors.items() if k.endswith(".alpha")))
+
+
+# sha256 of the sorted key list of each pinned file (the tiny model's layers, the targets of each test)
+PIN_KEYS = {"unet_only": "8e2220d2f23aac4d8ba499ccbf38070bb57c06d93e09347a0c7051f80e50c703",
+            "unet_and_te": "2774005d86c56b8ee6638e9e2fb656686cedfb2f1507c8f8e915973e8f29b9ef",
+            "wide_rslora": "a5fa7998b0fe051c51c39d39df96dad086331580c78dc553e74f76bea81b7c91"}
+# The settings every pinned metadata dict is made from, each one given (not a script default).
+PIN_SETTINGS = ["--LORA_RANK=4", "--LORA_ALPHA=8", "--LORA_DROPOUT=0.1", "--LEARNING_RATE=0.0002",
+                "--LR_SCHEDULER=cosine", "--LR_WARMUP_STEPS=5", "--MAX_GRAD_NORM=1.0", "--SEED=7", "--NUM_EPOCHS=3",
+                "--GRADIENT_CHECKPOINTING=False", "--CACHE_LATENTS=True", "--RANDOM_FLIP=True", "--USE_DORA=False",
+                "--TARGET_MODULES=to_q,to_k,to_v,to_out.0", "--TEXT_ENCODER_TARGET_MODULES=q_proj,k_proj,v_proj,out_proj",
+                "--OUTPUT_NAME=pinned", "--USE_RSLORA=False", "--TRAIN_TEXT_ENCODER=False",
+                "--TEXT_ENCODER_LEARNING_RATE=None", "--LORAPLUS_LR_RATIO=None", "--MAX_TRAIN_STEPS=30"]
+STARTED, FINISHED = 1_700_000_000.5, 1_700_000_600.25
+# ... and the metadata they give in every pinned file (each test adds the entries that differ)
+PIN_COMMON = {"ss_network_dim": "4", "ss_network_alpha": "8", "ss_network_dropout": "0.1", "ss_learning_rate": "0.0002",
+              "ss_unet_lr": "0.0002", "ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": "5", "ss_max_grad_norm": "1.0",
+              "ss_batch_size_per_device": "4", "ss_gradient_accumulation_steps": "1", "ss_seed": "7",
+              "ss_gradient_checkpointing": "False", "ss_cache_latents": "True", "ss_flip_aug": "True",
+              "ss_steps": "30", "ss_num_train_images": "8", "ss_training_started_at": "1700000000.5",
+              "ss_training_finished_at": "1700000600.25", "ss_output_name": "pinned", "modelspec.title": "pinned",
+              "ss_resolution": "(64, 64)", "modelspec.resolution": "64x64", "ss_sd_model_name": "tiny-sd"}
+
+
+def script_metadata(make_cfg, *overrides):
+    """kohya_metadata called as lora_complete_example.save_webui_file calls it."""
+    cfg = make_cfg(*PIN_SETTINGS, *overrides)
+    return kohya_metadata(dict(cfg.as_dict(), steps=30, num_images=8, started_at=STARTED, finished_at=FINISHED))
+
+
+def sorted_json(**entries):
+    return json.dumps(entries, sort_keys=True)
+
+
+def check_metadata(metadata, expected):
+    """The file's metadata is `expected`, plus the date and our version string (which vary)."""
+    rest = {k: v for k, v in metadata.items() if k not in ("modelspec.date", "lora_complete_example_version")}
+    assert rest == {"ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_network_module": "networks.lora",
+                    "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
+                    "modelspec.implementation": "diffusers", "format": "pt",
+                    **{k: v for k, v in expected.items() if v is not None}}  # None: left out
+    # sd-scripts: datetime.fromtimestamp(int(finished)).isoformat(), local time: 2023-11-14T22:23:20 in UTC
+    assert metadata["modelspec.date"] == datetime.datetime.fromtimestamp(int(FINISHED)).isoformat()
+    assert re.fullmatch(r"kohya-export/1 \(torch .+, diffusers .+, peft .+, transformers .+\)",
+                        metadata["lora_complete_example_version"])
 
 
 # ----------------------------------------------------------------------------- fixture
@@ -131,16 +185,15 @@ def trained(tiny_model_dir, tmp_path_factory):
         for p in bs:
             p.div_(2)
     folder = tmp_path_factory.mktemp("kohya")
-    return dict(pipe=pipe, model_dir=tiny_model_dir, inputs=inputs, base=base, ref=ref, ref_doubled=ref_doubled,
-                n_layers=n_layers,
-                unet_sd=unet_sd, te_sd=te_sd, folder=str(folder))
+    return dict(model_dir=tiny_model_dir, inputs=inputs, base=base, ref=ref, ref_doubled=ref_doubled,
+                n_layers=n_layers, unet_sd=unet_sd, te_sd=te_sd, folder=str(folder))
 
 
-def load_and_run(trained, weight_name):
+def load_and_run(trained, weight_name, folder=None):
     """A fresh pipeline + the file through diffusers' load_lora_weights -> (unet out, te out, messages)."""
     pipe = load_pipeline(trained["model_dir"])
     with capture_library_messages() as messages:
-        pipe.load_lora_weights(trained["folder"], weight_name=weight_name)
+        pipe.load_lora_weights(folder or trained["folder"], weight_name=weight_name)
     y, h = outputs(pipe, trained["inputs"])
     return y, h, messages
 
@@ -150,37 +203,15 @@ def test_reference_adapters_change_both_models(trained):
     assert maxdiff(y, y0) > 0.05 and maxdiff(h, h0) > 0.05  # otherwise the equivalence checks prove nothing
 
 
-# ----------------------------------------------------------------------------- the diffusers file (control)
-def test_diffusers_file_reproduces_the_adapters(trained):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = trained["pipe"]
-    StableDiffusionPipeline.save_lora_weights(
-        trained["folder"], unet_lora_layers=trained["unet_sd"], text_encoder_lora_layers=trained["te_sd"],
-        weight_name="diffusers.safetensors", safe_serialization=True,
-        unet_lora_adapter_metadata=peft_metadata(pipe.unet.peft_config["default"]),
-        text_encoder_lora_adapter_metadata=peft_metadata(pipe.text_encoder.peft_config["default"]))
-    y, h, messages = load_and_run(trained, "diffusers.safetensors")
-    assert not key_complaints(messages), key_complaints(messages)
-    y_ref, h_ref = trained["ref"]
-    assert maxdiff(y, y_ref) <= tol(y_ref, 1e-5)
-    assert maxdiff(h, h_ref) <= tol(h_ref, 1e-5)
-
-
-# ----------------------------------------------------------------------------- the kohya file
+# ----------------------------------------------------------------------------- UNet + text encoder
 @pytest.fixture(scope="module")
-def kohya_fp32(trained):
+def kohya_fp32(trained, make_cfg):
     path = os.path.join(trained["folder"], "kohya.safetensors")
-    info = dict(base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", rank=RANK, alpha=float(UNET_ALPHA),
-                resolution=512, max_train_steps=100, steps=100, epoch=2, num_epochs=2, dataset="shapes",
-                num_train_images=8, learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=5e-5, seed=42,
-                mixed_precision="bf16", training_started_at=1_700_000_000.5, training_finished_at=1_700_000_600.25,
-                output_name="my_lora", network_args={"target_modules": UNET_TARGETS, "use_dora": False},
-                prediction_type="epsilon")
-    n = save_kohya_file(path, trained["unet_sd"], trained["te_sd"], UNET_ALPHA, TE_ALPHA, kohya_metadata(info),
-                        torch.float32)
+    metadata = script_metadata(make_cfg, "--TRAIN_TEXT_ENCODER=True", "--MAX_TRAIN_STEPS=None", "--LORAPLUS_LR_RATIO=16",
+                               "--MIXED_PRECISION=auto")
+    n = save_kohya_file(path, trained["unet_sd"], trained["te_sd"], UNET_ALPHA, TE_ALPHA, metadata, torch.float32)
     tensors, metadata = read_file(path)
-    return dict(path=path, tensors=tensors, metadata=metadata, n_params=n, info=info)
+    return dict(path=path, tensors=tensors, metadata=metadata, n_params=n)
 
 
 def test_kohya_file_reproduces_unet_and_text_encoder(trained, kohya_fp32):
@@ -201,16 +232,12 @@ def test_key_complaints_are_caught(trained, kohya_fp32):
     assert key_complaints(messages)
 
 
-def test_kohya_key_names_count_and_alphas(trained, kohya_fp32):
+def test_pinned_unet_and_text_encoder_file(trained, kohya_fp32):
     tensors = kohya_fp32["tensors"]
     n_unet, n_te = trained["n_layers"]
     assert n_unet == 80 and n_te == 8  # 10 transformer blocks x 2 attentions x 4; 2 CLIP layers x 4
-    assert len(tensors) == 3 * (n_unet + n_te)
-    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
-    assert len(modules) == n_unet + n_te
-    for m in modules:  # exactly down, up and alpha per module
-        assert {k for k in tensors if k.startswith(m + ".")} == {m + ".lora_down.weight", m + ".lora_up.weight", m + ".alpha"}
-    # exact spellings, as sd-scripts writes them for SD1.x
+    assert fingerprint(tensors) == (3 * (n_unet + n_te), PIN_KEYS["unet_and_te"], {8.0: n_unet, 2.0: n_te})
+    # exact spellings, as sd-scripts writes them for SD1.x, and the PEFT tensors unchanged
     a, b = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"
     q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     o = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0"
@@ -220,104 +247,14 @@ def test_kohya_key_names_count_and_alphas(trained, kohya_fp32):
     assert torch.equal(tensors[o + ".lora_up.weight"], trained["unet_sd"][b + ".lora_B.weight"])
     te_key = next(k for k in trained["te_sd"] if k.endswith("layers.1.self_attn.out_proj.lora_A.weight"))
     assert torch.equal(tensors[te + ".lora_down.weight"], trained["te_sd"][te_key])
-    assert tensors[q + ".lora_down.weight"].shape == (RANK, 16) and tensors[q + ".lora_up.weight"].shape == (16, RANK)
-    assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for k in tensors)
-    # alpha: a 0-dim tensor in the weights' dtype holding lora_alpha (not the rank)
-    for k, v in tensors.items():
-        if k.endswith(".alpha"):
-            assert v.shape == () and v.dtype == torch.float32
-            assert v.item() == (UNET_ALPHA if k.startswith("lora_unet_") else TE_ALPHA)
+    assert tensors[q + ".alpha"].item() == UNET_ALPHA and tensors[te + ".alpha"].item() == TE_ALPHA
     assert kohya_fp32["n_params"] == sum(v.numel() for k, v in tensors.items() if not k.endswith(".alpha"))
-
-
-def test_unet_names_agree_with_diffusers_convert_state_dict_to_kohya(trained, kohya_fp32):
-    """diffusers' own PEFT->kohya helper spells the UNet the same way; for the text encoder it
-    writes SDXL's lora_te1_ and, under transformers 5, drops text_model_ — which is why we do not use it."""
-    from diffusers.utils import convert_state_dict_to_kohya
-
-    theirs = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in trained["unet_sd"].items()})
-    ours = {k: v for k, v in kohya_fp32["tensors"].items() if k.startswith("lora_unet_")}
-    assert sorted(theirs) == sorted(ours)
-    for k, v in ours.items():
-        if not k.endswith(".alpha"):
-            assert torch.equal(theirs[k], v)
-
-
-def test_kohya_metadata_values(kohya_fp32):
-    meta = kohya_fp32["metadata"]
-    assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
-    expected = {
-        "ss_base_model_version": "sd_v1",
-        "ss_sd_model_name": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": "4",
-        "ss_network_alpha": "8.0",
-        "ss_resolution": "(512, 512)",
-        "ss_max_train_steps": "100",
-        "ss_steps": "100",
-        "ss_epoch": "2",
-        "ss_num_epochs": "2",
-        "ss_num_train_images": "8",
-        "ss_learning_rate": "0.0001",
-        "ss_unet_lr": "0.0001",
-        "ss_text_encoder_lr": "5e-05",
-        "ss_seed": "42",
-        "ss_mixed_precision": "bf16",
-        "ss_training_started_at": "1700000000.5",
-        "ss_training_finished_at": "1700000600.25",
-        "ss_output_name": "my_lora",
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": "my_lora",
-        "modelspec.resolution": "512x512",
-        "modelspec.prediction_type": "epsilon",
-        "format": "pt",
-    }
-    assert {k: meta.get(k) for k in expected} == expected
-    assert json.loads(meta["ss_dataset_dirs"]) == {"shapes": {"n_repeats": 1, "img_count": 8}}
-    assert json.loads(meta["ss_network_args"]) == {"target_modules": UNET_TARGETS, "use_dora": False}
-    assert meta["modelspec.date"].startswith("2023-11-1")  # ISO 8601, local time of training_finished_at
-    assert meta["lora_complete_example_version"].startswith("kohya-export/")
-    extra = {k for k in meta if not k.startswith(("ss_", "modelspec."))}
-    assert extra == {"format", "lora_complete_example_version"}
-
-
-def test_kohya_metadata_rules(tmp_path):
-    assert kohya_metadata({})["ss_network_module"] == "networks.lora"
-    with pytest.raises(ValueError, match="unknown keys.*learnig_rate"):
-        kohya_metadata({"learnig_rate": 1e-4})
-    meta = kohya_metadata({"seed": None, "resolution": (640, 512), "prediction_type": "v_prediction",
-                           "base_model": str(tmp_path), "training_finished_at": 1_700_000_000})
-    assert "ss_seed" not in meta  # None = unknown: left out
-    assert meta["ss_resolution"] == "(640, 512)" and meta["modelspec.resolution"] == "640x512"
-    assert meta["modelspec.prediction_type"] == "v"
-    assert meta["ss_sd_model_name"] == os.path.basename(str(tmp_path))  # local model: its name, as sd-scripts
-    assert meta["modelspec.title"] == "LoRA@1700000000"
-    assert all(isinstance(v, str) for v in meta.values())
-    assert {"rank", "alpha", "dataset", "network_args"} <= KNOWN_INFO_KEYS
-
-
-def test_kohya_metadata_from_the_scripts_settings(make_cfg):
-    """The script can pass its settings as they are (cfg.as_dict()) plus the facts of the run."""
-    cfg = make_cfg("--LORA_RANK=8", "--LORA_ALPHA=16", "--MAX_TRAIN_STEPS=30", "--TRAIN_TEXT_ENCODER=True",
-                   "--TEXT_ENCODER_LEARNING_RATE=5e-5", "--USE_RSLORA=True")
-    meta = kohya_metadata(dict(cfg.as_dict(), steps=30, epoch=4, num_images=8, started_at=1_700_000_000.0,
-                               finished_at=1_700_000_060.0))
-    assert all(isinstance(v, str) for v in meta.values())
-    expected = {"ss_network_dim": "8", "ss_network_alpha": "16", "ss_max_train_steps": "30", "ss_steps": "30",
-                "ss_epoch": "4", "ss_mixed_precision": "no", "ss_learning_rate": "0.0001", "ss_unet_lr": "0.0001",
-                "ss_text_encoder_lr": "5e-05", "ss_num_train_images": "8", "ss_sd_model_name": "tiny-sd",
-                "ss_resolution": "(64, 64)", "ss_training_finished_at": "1700000060.0", "ss_output_name": cfg.OUTPUT_NAME}
-    assert {k: meta.get(k) for k in expected} == expected
-    assert "ss_num_epochs" not in meta  # NUM_EPOCHS is ignored when MAX_TRAIN_STEPS is set
-    assert json.loads(meta["ss_dataset_dirs"]) == {"shapes": {"n_repeats": 1, "img_count": 8}}
-    args = json.loads(meta["ss_network_args"])
-    assert args["use_rslora"] is True and args["target_modules"] == list(cfg.TARGET_MODULES)
-    assert args["text_encoder_target_modules"] == list(cfg.TEXT_ENCODER_TARGET_MODULES)
-    assert kohya_metadata({"LORA_RANK": 8, "rank": 4})["ss_network_dim"] == "4"  # explicit facts win
-    assert "ss_mixed_precision" not in kohya_metadata({"MIXED_PRECISION": "auto"})  # not a fact until resolved
-    assert "ss_text_encoder_lr" not in kohya_metadata({"LEARNING_RATE": 1e-4, "TRAIN_TEXT_ENCODER": False})
+    check_metadata(kohya_fp32["metadata"], {
+        **PIN_COMMON, "ss_mixed_precision": None, "ss_max_train_steps": None, "ss_num_epochs": "3",
+        "ss_text_encoder_lr": "0.0002", "ss_dataset_dirs": json.dumps({"shapes": {"n_repeats": 1, "img_count": 8}}),
+        "ss_network_args": sorted_json(
+            loraplus_lr_ratio=16, target_modules=UNET_TARGETS, text_encoder_target_modules=TE_TARGETS,
+            train_text_encoder=True, use_dora=False, use_rslora=False)})
 
 
 # ----------------------------------------------------------------------------- alpha is read, dtype, UNet only
@@ -351,11 +288,17 @@ def test_kohya_file_half_precision(trained, dtype, rel, of_effect):
     assert maxdiff(h, h_ref) <= min(tol(h_ref, rel), of_effect * maxdiff(h_ref, h0)), maxdiff(h, h_ref)
 
 
-def test_unet_only_kohya_file(trained):
+def test_unet_only_kohya_file(trained, make_cfg):
+    """As the script writes it without TRAIN_TEXT_ENCODER: te_sd = {} and LORA_ALPHA for both."""
     path = os.path.join(trained["folder"], "kohya_unet_only.safetensors")
-    save_kohya_file(path, trained["unet_sd"], None, UNET_ALPHA, None, {}, torch.float32)
-    tensors, _ = read_file(path)
-    assert all(k.startswith("lora_unet_") for k in tensors) and len(tensors) == 3 * 80
+    save_kohya_file(path, trained["unet_sd"], {}, UNET_ALPHA, UNET_ALPHA, script_metadata(make_cfg), torch.float32)
+    tensors, metadata = read_file(path)
+    assert fingerprint(tensors) == (3 * 80, PIN_KEYS["unet_only"], {8.0: 80})
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    check_metadata(metadata, {**PIN_COMMON, "ss_mixed_precision": "no", "ss_max_train_steps": "30",
+                              "ss_dataset_dirs": json.dumps({"shapes": {"n_repeats": 1, "img_count": 8}}),
+                              "ss_network_args": sorted_json(
+                                  target_modules=UNET_TARGETS, train_text_encoder=False, use_dora=False, use_rslora=False)})
     y, h, messages = load_and_run(trained, "kohya_unet_only.safetensors")
     assert all("No LoRA keys associated to CLIPTextModel" in m for m in messages), messages  # the expected notice
     (y_ref, _), (_, h0) = trained["ref"], trained["base"]
@@ -363,7 +306,7 @@ def test_unet_only_kohya_file(trained):
     assert torch.equal(h, h0)  # the text encoder is untouched
 
 
-def test_wider_targets_rank_pattern_and_rslora(tiny_model_dir, tmp_path):
+def test_wider_targets_rank_pattern_and_rslora(tiny_model_dir, tmp_path, trained, make_cfg):
     """sd-scripts' default SD1.x targets (every Linear / 1x1 conv of the transformer blocks, CLIP
     attention + MLP), a per-layer rank, and rsLoRA (written as alpha*sqrt(r), since a kohya file
     always means alpha/r)."""
@@ -371,32 +314,45 @@ def test_wider_targets_rank_pattern_and_rslora(tiny_model_dir, tmp_path):
     te_targets = TE_TARGETS + ["fc1", "fc2"]
     pipe = load_pipeline(tiny_model_dir)
     inputs = fixed_inputs(pipe.unet, pipe.text_encoder)
-    n_layers = len(targeted(pipe.unet, unet_targets)) + len(targeted(pipe.text_encoder, te_targets))
+    n_unet, n_te = len(targeted(pipe.unet, unet_targets)), len(targeted(pipe.text_encoder, te_targets))
     add_loras(pipe, unet_targets, te_targets, use_rslora=True, rank_pattern={"ff.net.2": 2}, seed=1)
     assert any(isinstance(m, torch.nn.Conv2d) for n, m in pipe.unet.named_modules() if n.endswith("proj_in.base_layer"))
     y_ref, h_ref = outputs(pipe, inputs)
     unet_sd, te_sd = lora_state_dicts(pipe)
-    path = tmp_path / "wide.safetensors"
-    save_kohya_file(str(path), unet_sd, te_sd, UNET_ALPHA, TE_ALPHA, {}, use_rslora=True)
-    tensors, _ = read_file(str(path))
-    assert n_layers == 10 * 12 + 2 * 6 and len(tensors) == 3 * n_layers
+    metadata = script_metadata(make_cfg, "--USE_RSLORA=True", "--TRAIN_TEXT_ENCODER=True",
+                               "--TEXT_ENCODER_LEARNING_RATE=5e-5", "--MODEL_ID=stable-diffusion-v1-5/stable-diffusion-v1-5",
+                               "--DATA_DIR=None", "--TARGET_MODULES=" + ",".join(unet_targets),
+                               "--TEXT_ENCODER_TARGET_MODULES=" + ",".join(te_targets))
+    save_kohya_file(str(tmp_path / "wide.safetensors"), unet_sd, te_sd, UNET_ALPHA, TE_ALPHA, metadata, use_rslora=True)
+    tensors, metadata = read_file(str(tmp_path / "wide.safetensors"))
+    assert (n_unet, n_te) == (10 * 12, 2 * 6)
+    n_ff2 = 10  # one ff.net.2 per transformer block, at rank 2
+    assert fingerprint(tensors) == (3 * (n_unet + n_te), PIN_KEYS["wide_rslora"], {
+        f32(UNET_ALPHA * math.sqrt(RANK)): n_unet - n_ff2, f32(UNET_ALPHA * math.sqrt(2)): n_ff2,
+        f32(TE_ALPHA * math.sqrt(RANK)): n_te})
     ff2 = "lora_unet_up_blocks_3_attentions_1_transformer_blocks_0_ff_net_2"
     assert tensors[ff2 + ".lora_down.weight"].shape[0] == 2
     assert tensors[ff2 + ".alpha"].item() == pytest.approx(UNET_ALPHA * math.sqrt(2))
     assert tensors["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"].ndim == 4  # 1x1 conv, as kohya
-    fresh = load_pipeline(tiny_model_dir)
-    with capture_library_messages() as messages:
-        fresh.load_lora_weights(str(tmp_path), weight_name="wide.safetensors")
+    assert tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"].item() == pytest.approx(TE_ALPHA * 2)
+    check_metadata(metadata, {
+        **PIN_COMMON, "ss_mixed_precision": "no", "ss_max_train_steps": "30", "ss_text_encoder_lr": "5e-05",
+        "ss_sd_model_name": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "ss_dataset_dirs": json.dumps({"lambdalabs/naruto-blip-captions": {"n_repeats": 1, "img_count": 8}}),
+        "ss_network_args": sorted_json(
+            target_modules=unet_targets, text_encoder_target_modules=te_targets, train_text_encoder=True,
+            use_dora=False, use_rslora=True)})
+    y, h, messages = load_and_run(trained, "wide.safetensors", folder=str(tmp_path))
     assert not key_complaints(messages), key_complaints(messages)
-    y, h = outputs(fresh, inputs)
     assert maxdiff(y, y_ref) <= tol(y_ref, 1e-5), maxdiff(y, y_ref)
     assert maxdiff(h, h_ref) <= tol(h_ref, 1e-5), maxdiff(h, h_ref)
 
 
 # ----------------------------------------------------------------------------- SD1.5 names, refusals
-def test_names_on_the_real_sd15_architecture():
-    """On SD1.5's own module tree (meta device, no weights): sd-scripts' default targets give its
-    well-known 192 UNet + 72 text-encoder LoRA modules, spelled as in published SD1.5 LoRAs."""
+def test_every_sd15_name_is_one_comfyui_and_webui_look_up():
+    """On SD1.5's own module tree (meta device, no weights), sd-scripts' default targets give its
+    192 UNet + 72 text-encoder modules, each named as ComfyUI's model_lora_keys_unet/_clip look it
+    up (a name they do not know is dropped: silently in WebUI)."""
     from lora_tools.sd15 import sd15_text_encoder, sd15_unet
 
     unet, te = sd15_unet("meta"), sd15_text_encoder("meta")
@@ -410,27 +366,12 @@ def test_names_on_the_real_sd15_architecture():
         return {f"{n}.lora_{ab}.weight": torch.zeros(1, 1) for n in layers for ab in "AB"}
 
     names = {k.split(".")[0] for k in to_kohya(fake(unet_layers), fake(te_layers), 1, 1)}
-    assert len(names) == 264
-    for known in ("lora_unet_down_blocks_0_attentions_0_proj_in",
-                  "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_out_0",
-                  "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj",
-                  "lora_te_text_model_encoder_layers_11_self_attn_q_proj",
-                  "lora_te_text_model_encoder_layers_0_mlp_fc2"):
-        assert known in names
-    assert kohya_module_name("text_model.encoder.layers.0.mlp.fc1", "text_encoder") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
-    assert kohya_module_name("encoder.layers.0.mlp.fc1", "text_encoder") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
-
-
-def test_accepts_prefixed_and_diffusers_spellings(trained):
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    plain = to_kohya(trained["unet_sd"], trained["te_sd"], UNET_ALPHA, TE_ALPHA)
-    # what lora_complete_example.lora_state_dict writes: 'unet.' + diffusers spelling (to_q.lora.down ...)
-    unet_file = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(trained["unet_sd"]).items()}
-    te_file = {f"text_encoder.{k}": v for k, v in convert_state_dict_to_diffusers(trained["te_sd"]).items()}
-    assert any(".lora.down." in k for k in unet_file)
-    other = to_kohya(unet_file, te_file, UNET_ALPHA, TE_ALPHA)
-    assert sorted(other) == sorted(plain) and all(torch.equal(other[k], plain[k]) for k in plain)
+    # ComfyUI (comfy/lora.py): "lora_unet_" + diffusers UNet key with '.' -> '_', and for CLIP
+    # "lora_te_text_model_encoder_layers_{b}_{c}" over its LORA_CLIP_MAP; WebUI's regexes read the same
+    clip_map = ["mlp_fc1", "mlp_fc2", "self_attn_k_proj", "self_attn_q_proj", "self_attn_v_proj", "self_attn_out_proj"]
+    assert names == ({"lora_unet_" + n.replace(".", "_") for n in unet_layers}
+                     | {f"lora_te_text_model_encoder_layers_{b}_{c}" for b in range(12) for c in clip_map})
+    assert "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_out_0" in names
 
 
 def test_refusals(trained, tmp_path):
@@ -446,23 +387,8 @@ def test_refusals(trained, tmp_path):
         save_kohya_file(str(path), nan, te_sd, UNET_ALPHA, TE_ALPHA, {}, torch.float32)
     big = dict(unet_sd)
     big[key] = unet_sd[key] + 1e5  # finite in fp32, inf in fp16
-    save_kohya_file(str(tmp_path / "big32.safetensors"), big, None, UNET_ALPHA, None, {}, torch.float32)
+    save_kohya_file(str(tmp_path / "big32.safetensors"), big, {}, UNET_ALPHA, UNET_ALPHA, {}, torch.float32)
     with pytest.raises(UserError, match="float16"):
-        save_kohya_file(str(path), big, None, UNET_ALPHA, None, {}, torch.float16)
+        save_kohya_file(str(path), big, {}, UNET_ALPHA, UNET_ALPHA, {}, torch.float16)
     assert path.read_bytes() == good  # the earlier file is kept whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big32.safetensors", "k.safetensors"]  # no temp files
-    dora = dict(unet_sd)
-    dora[key.replace("lora_B.weight", "lora_magnitude_vector")] = torch.ones(4)
-    with pytest.raises(UserError, match="DoRA"):
-        to_kohya(dora, None, UNET_ALPHA, None)
-    with pytest.raises(ValueError, match="not a LoRA A/B weight"):
-        to_kohya({**unet_sd, key.replace("lora_B.weight", "lora_B.bias"): torch.zeros(3)}, None, UNET_ALPHA, None)
-    with pytest.raises(ValueError, match="only its down"):
-        to_kohya({k: v for k, v in unet_sd.items() if k != key}, None, UNET_ALPHA, None)
-    for alpha in (0, -1, float("nan"), None, True):
-        with pytest.raises(ValueError, match="alpha"):
-            to_kohya(unet_sd, None, alpha, None)
-    with pytest.raises(ValueError, match="empty"):
-        to_kohya({}, None, UNET_ALPHA, None)
-    with pytest.raises(ValueError, match="str -> str"):
-        save_kohya_file(str(path), unet_sd, None, UNET_ALPHA, None, {"ss_network_dim": 4})
