@@ -25,12 +25,12 @@ ComfyUI), training_config.json, test_generation.png, comparison.png (without/wit
 metrics.jsonl + loss_curve.png, rank_spectrum.png, and checkpoint-<step>/ folders to resume from.
 The numbered sections follow diffusion_lora_finetuning_tutorial.md chapter 4.
 """
-import gc
 import json
 import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 from torch.nn.functional import mse_loss
@@ -58,18 +58,18 @@ DATALOADER_NUM_WORKERS = None  # worker processes for image decoding; None = 0 w
 # lora
 LORA_RANK = 4  # r: rank of B·A; 4-16 is typical, higher = more capacity and a bigger file
 LORA_ALPHA = 4  # α: the update is scaled by α/r; α = r is a neutral start
-LORA_DROPOUT = 0.0  # dropout on the LoRA branch's input; 0.05-0.1 against overfitting on few images
+LORA_DROPOUT = 0.0  # dropout on the LoRA branch's input; 0.05-0.1 against overfitting on few images (rule of thumb)
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # UNet attention projections that get adapters
-USE_DORA = False  # DoRA (Liu et al. 2024): also learn each column's magnitude; a little slower per step
+USE_DORA = False  # DoRA (Liu et al. 2024): also learn each output feature's magnitude; a little slower per step
 USE_RSLORA = False  # rsLoRA (Kalajdzievski 2023): scale by α/√r instead of α/r, so high ranks keep learning
 TRAIN_TEXT_ENCODER = False  # also put LoRA on the CLIP text encoder (prompts can't then be cached)
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention projections
 # optimisation
 LEARNING_RATE = 1e-4  # AdamW step size for the LoRA weights (the HF LoRA blog: 1e-4, vs ~1e-6 for full fine-tuning)
-TEXT_ENCODER_LEARNING_RATE = None  # for the text encoder's LoRA; None = LEARNING_RATE (often set 2-10x lower)
+TEXT_ENCODER_LEARNING_RATE = None  # for the text encoder's LoRA; None = LEARNING_RATE
 LORAPLUS_LR_RATIO = None  # LoRA+ (Hayou et al. 2024): B matrices learn at LEARNING_RATE x this (> 1); None = off
 SNR_GAMMA = None  # Min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is the paper's default; None = plain MSE
-NOISE_OFFSET = 0.0  # offset noise (Guttenberg 2023): adds this x N(0,1) per image and channel; 0.05-0.1 helps very dark/bright images
+NOISE_OFFSET = 0.0  # offset noise (Guttenberg 2023): adds this x N(0,1) per image and channel; 0.05-0.1 is a common choice
 BATCH_SIZE = 1  # images per GPU per forward pass
 GRADIENT_ACCUMULATION_STEPS = 4  # forward passes per optimizer step; effective batch = BATCH_SIZE x this x GPUs
 NUM_EPOCHS = 10  # passes over the data (ignored when MAX_TRAIN_STEPS is set)
@@ -78,25 +78,24 @@ LR_SCHEDULER = "constant"  # constant | constant_with_warmup | linear | cosine |
 LR_WARMUP_STEPS = 0  # optimizer steps of linear warm-up from 0 to LEARNING_RATE
 MAX_GRAD_NORM = 1.0  # clip the LoRA gradients' global L2 norm to this; None = no clipping
 ADAM_WEIGHT_DECAY = 1e-2  # AdamW decoupled weight decay
-MIXED_PRECISION = "auto"  # auto | no | fp16 | bf16; auto = bf16 where the GPU has it, else fp16; fp32 on a CPU
+MIXED_PRECISION = "auto"  # auto | no | fp16 | bf16; auto = bf16 on GPUs with bf16 tensor cores, else fp16; fp32 on a CPU
 ALLOW_TF32 = True  # TF32 tensor cores for fp32 matmuls on Ampere+ GPUs (faster; 10-bit mantissa instead of 23)
-VAE_FP32 = False  # keep the VAE in fp32 under fp16 (the SD VAE can overflow to NaN in fp16)
+VAE_FP32 = False  # keep the VAE in fp32 under fp16 (the SD VAE can overflow to NaN in fp16), also when rendering
 GRADIENT_CHECKPOINTING = False  # recompute UNet activations in backward: less memory, more compute (see benchmarks/)
-USE_8BIT_ADAM = False  # bitsandbytes 8-bit AdamW states (pip install bitsandbytes; GPU only)
+USE_8BIT_ADAM = False  # bitsandbytes 8-bit AdamW: saves 3/4 of a LoRA's few-MB optimizer state, not an OOM fix (GPU only)
 COMPILE = False  # torch.compile the UNet (slow first step, faster after)
 SEED = 42  # seeds data order, noise, timesteps, LoRA init and the test image
-LOG_EVERY = 10  # read the loss back from the GPU every N optimizer steps (each read is a sync)
+LOG_EVERY = 10  # log the mean loss every N optimizer steps (reading it from the GPU is a sync)
 # checkpoints
 CHECKPOINTING_STEPS = 500  # save a resumable OUTPUT_DIR/checkpoint-<step>/ every N optimizer steps; None = never
 CHECKPOINTS_TOTAL_LIMIT = None  # keep only the newest N checkpoints; None = keep all
 RESUME_FROM = None  # "latest" (newest checkpoint in OUTPUT_DIR) or a checkpoint-<step> folder; None = fresh start
 # output
-OUTPUT_DIR = "my_lora_model"  # where the adapter, config and test image go
+OUTPUT_DIR = "my_lora_model"  # where the adapter, config and pictures go
 OUTPUT_NAME = "my_lora"  # the WebUI/ComfyUI copy is OUTPUT_DIR/<OUTPUT_NAME>.safetensors
-SAVE_DTYPE = "fp32"  # fp32 | fp16: precision of the saved LoRA files (fp16 halves their size)
+SAVE_DTYPE = "fp32"  # fp32 | fp16: precision of the saved LoRA files (fp16 halves their size) and of a merged model
 SAVE_MERGED_MODEL = False  # also save base + LoRA fused (W = W0 + (α/r)·B·A) as a full pipeline in OUTPUT_DIR/merged_pipeline
-VALIDATION_PROMPT = "a man with blue eyes, in the style of naruto"  # test_generation.png, rendered after training
-VALIDATION_PROMPTS = ["a man with blue eyes, in the style of naruto", "a girl with pink hair, in the style of naruto"]  # grids and comparison.png
+VALIDATION_PROMPTS = ["a man with blue eyes, in the style of naruto", "a girl with pink hair, in the style of naruto"]  # the first is test_generation.png; all go in comparison.png
 NUM_VALIDATION_SEEDS = 2  # images per prompt in the validation grids (seeds SEED, SEED+1, ...)
 VALIDATION_STEPS = None  # render a grid into OUTPUT_DIR/validation/ every N steps; None = only at the end
 REPORT_TO = None  # "tensorboard": also log loss and lr through accelerate's trackers (pip install tensorboard)
@@ -109,7 +108,7 @@ CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]  # everything above, i
 # DEMO=True swaps in these values (any you also give on the command line win). The training code
 # below has no demo branches: the demo is a real run on a tiny model built from configs.
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".demo_cache")
-demo_settings = dict(
+DEMO_SETTINGS = dict(
     MODEL_ID=os.path.join(DEMO_DIR, "tiny-sd-pipeline"),
     DATA_DIR=os.path.join(DEMO_DIR, "shapes-dataset"),
     RESOLUTION=64,
@@ -117,16 +116,11 @@ demo_settings = dict(
     GRADIENT_ACCUMULATION_STEPS=1,
     MAX_TRAIN_STEPS=60,
     LEARNING_RATE=1e-3,
-    LR_WARMUP_STEPS=0,
     LOG_EVERY=5,
     NUM_INFERENCE_STEPS=10,
-    VALIDATION_PROMPT="a red circle on a blue background",
     VALIDATION_PROMPTS=["a red circle on a blue background", "a green square on a yellow background"],
 )
-
-MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
-LR_SCHEDULER_CHOICES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 
 
 def print0(*args, **kwargs):
@@ -137,103 +131,15 @@ def print0(*args, **kwargs):
 
 def resolve_config(argv, defaults=None):
     """Defaults from the block above + DEMO values + --NAME=value overrides -> a frozen, checked Config."""
+    from lora_tools.checks import check_config
+
     defaults = defaults or {k: globals()[k] for k in CONFIG_KEYS}
     values = parse_overrides(argv, defaults, log=print0)
     if values["DEMO"]:
         given = {a[2:].split("=", 1)[0] for a in argv}
-        values.update({k: v for k, v in demo_settings.items() if k not in given})
+        values.update({k: v for k, v in DEMO_SETTINGS.items() if k not in given})
     check_config(values)
     return Config(values)
-
-
-def check_config(c):
-    """Check every setting's value before any slow work. Raises UserError: what, why, how to fix."""
-
-    def need(ok, message):
-        if not ok:
-            raise UserError(message)
-
-    def number(name, low, kind=(int, float), strict=False, none_ok=False):
-        v = c[name]
-        if v is None and none_ok:
-            return
-        ok = isinstance(v, kind) and not isinstance(v, bool) and (v > low if strict else v >= low)
-        what = "an integer" if kind is int else "a number"
-        need(ok, f"{name} must be {what} {'>' if strict else '>='} {low}{' or None' if none_ok else ''}, got {v!r}")
-
-    for name in ("LORA_RANK", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_EPOCHS", "NUM_INFERENCE_STEPS", "LOG_EVERY"):
-        number(name, 1, int)
-    number("LR_WARMUP_STEPS", 0, int)
-    for name in ("MAX_TRAIN_STEPS", "MAX_TRAIN_SAMPLES", "CHECKPOINTING_STEPS", "CHECKPOINTS_TOTAL_LIMIT"):
-        number(name, 1, int, none_ok=True)
-    number("DATALOADER_NUM_WORKERS", 0, int, none_ok=True)
-    number("RESOLUTION", 8, int)
-    need(c["RESOLUTION"] % 8 == 0,
-         f"RESOLUTION must be a positive multiple of 8 (the VAE downsamples by 8), got {c['RESOLUTION']} — try {max(64, round(c['RESOLUTION'] / 64) * 64)}")
-    number("LEARNING_RATE", 0, strict=True)
-    number("LORA_ALPHA", 0, strict=True)
-    number("LORA_DROPOUT", 0)
-    need(c["LORA_DROPOUT"] < 1, f"LORA_DROPOUT must be in [0, 1), got {c['LORA_DROPOUT']}")
-    number("ADAM_WEIGHT_DECAY", 0)
-    number("GUIDANCE_SCALE", 0)
-    number("MAX_GRAD_NORM", 0, strict=True, none_ok=True)
-    need(isinstance(c["SEED"], int), f"SEED must be an integer, got {c['SEED']!r}")
-    number("TEXT_ENCODER_LEARNING_RATE", 0, strict=True, none_ok=True)
-    number("LORAPLUS_LR_RATIO", 0, strict=True, none_ok=True)
-    number("SNR_GAMMA", 0, strict=True, none_ok=True)
-    number("NOISE_OFFSET", 0)
-    need(c["SAVE_DTYPE"] in ("fp32", "fp16"), f"SAVE_DTYPE must be 'fp32' or 'fp16', got {c['SAVE_DTYPE']!r}")
-    need(bool(c["OUTPUT_NAME"]) and os.sep not in c["OUTPUT_NAME"] and c["OUTPUT_NAME"] != "pytorch_lora_weights",
-         f"OUTPUT_NAME must be a plain file name (no folders, not pytorch_lora_weights), got {c['OUTPUT_NAME']!r}")
-    need(len(c["TEXT_ENCODER_TARGET_MODULES"]) > 0, "TEXT_ENCODER_TARGET_MODULES must not be empty — e.g. q_proj,k_proj,v_proj,out_proj")
-    need(len(c["VALIDATION_PROMPTS"]) > 0 and all(isinstance(p, str) for p in c["VALIDATION_PROMPTS"]),
-         f"VALIDATION_PROMPTS must be a non-empty list of prompts, got {c['VALIDATION_PROMPTS']!r}")
-    number("NUM_VALIDATION_SEEDS", 1, int)
-    number("VALIDATION_STEPS", 1, int, none_ok=True)
-    need(c["REPORT_TO"] in (None, "tensorboard"), f"REPORT_TO must be None or 'tensorboard', got {c['REPORT_TO']!r}")
-    need(c["MIXED_PRECISION"] in MIXED_PRECISION_CHOICES, f"MIXED_PRECISION must be one of {MIXED_PRECISION_CHOICES}, got {c['MIXED_PRECISION']!r}")
-    need(c["LR_SCHEDULER"] in LR_SCHEDULER_CHOICES, f"LR_SCHEDULER must be one of {LR_SCHEDULER_CHOICES}, got {c['LR_SCHEDULER']!r}")
-    need(len(c["TARGET_MODULES"]) > 0 and all(isinstance(m, str) for m in c["TARGET_MODULES"]),
-         f"TARGET_MODULES must be a non-empty list of module names, got {c['TARGET_MODULES']!r} — e.g. --TARGET_MODULES=to_q,to_v")
-    need(c["CENTER_CROP"] or not c["CACHE_LATENTS"],
-         "CENTER_CROP=False (random crops) cannot use the latent cache, which stores one crop per image — "
-         "set --CENTER_CROP=True (fast) or --CACHE_LATENTS=False (encodes every step, slower)")
-    for name in ("DATA_DIR", "IMAGE_COLUMN", "CAPTION_COLUMN", "REVISION", "RESUME_FROM"):
-        need(c[name] is None or isinstance(c[name], str), f"{name} must be text or None, got {c[name]!r}")
-    need(bool(c["OUTPUT_DIR"]), "OUTPUT_DIR must not be empty")
-
-
-def check_paths(cfg):
-    """The local folders the run reads: checked before anything slow starts."""
-    if cfg.DATA_DIR is not None and not os.path.isdir(cfg.DATA_DIR):
-        raise UserError(f"DATA_DIR={cfg.DATA_DIR!r} does not exist or is not a folder — point --DATA_DIR at a folder of images")
-    name = cfg.MODEL_ID
-    looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") != 1
-    if (os.path.exists(name) or looks_local) and not os.path.isfile(os.path.join(name, "unet", "config.json")):
-        raise UserError(f"MODEL_ID={name!r} is not a diffusers-layout model folder (no unet/config.json there) — pass a folder "
-                        "with unet/, vae/, text_encoder/, tokenizer/, scheduler/, or a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5")
-
-
-def check_environment(cfg):
-    """Optional packages that a setting needs: missing ones are found now, not mid-run."""
-    import importlib.util
-
-    needs = [(cfg.USE_8BIT_ADAM, "bitsandbytes", "USE_8BIT_ADAM=True"), (cfg.REPORT_TO == "tensorboard", "tensorboard", "REPORT_TO='tensorboard'")]
-    for wanted, package, setting in needs:
-        if wanted and importlib.util.find_spec(package) is None:
-            raise UserError(f"{setting} needs the {package} package — pip install {package}, or turn the setting off")
-
-
-def check_output_dir(path):
-    """Fail now, not after hours of training, if the results cannot be written."""
-    import tempfile
-
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"OUTPUT_DIR={path!r} is not writable ({e.strerror}) — pick another --OUTPUT_DIR or fix its permissions") from None
 
 
 def resolve_mixed_precision(requested, cuda):
@@ -244,143 +150,63 @@ def resolve_mixed_precision(requested, cuda):
         return "no" if requested == "auto" else requested
     if requested == "bf16" and not torch.cuda.is_bf16_supported():
         raise UserError(f"MIXED_PRECISION='bf16' is not supported by {torch.cuda.get_device_name()} — use --MIXED_PRECISION=fp16")
-    if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "auto":  # bf16 tensor cores came with Ampere; T4 and V100 only emulate bf16, slowly
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return requested
 
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def keep_host_memory():
-    """CPU training on Linux: by default glibc hands large freed blocks back to the OS and maps them
-    again at the next step (page faults every step), and the VAE's big blocks during caching change
-    that policy for the rest of the run. Keeping freed host memory for reuse makes every step run at
-    the same speed as a bare UNet step; the process keeps its peak memory, which it needs anyway."""
-    import ctypes
-    import platform
+def start(cfg):
+    """Everything the run needs before its first slow step: the Accelerator (one per process under
+    `accelerate launch`), the dtype of the frozen weights, the demo's assets, and every check."""
+    from accelerate import Accelerator, DataLoaderConfiguration
 
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): leave the allocator alone
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from <malloc.h>
-    big = 2**30  # 1 GiB: larger than any single activation block we free and reallocate
-    return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
+    from lora_tools.checks import check_environment, check_output_dir, check_paths
 
+    check_environment(cfg)
+    cuda = torch.cuda.is_available()
+    mixed_precision = resolve_mixed_precision(cfg.MIXED_PRECISION, cuda)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda,
+                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=cuda),  # async copies from pinned memory
+                              log_with=cfg.REPORT_TO, project_dir=os.path.join(cfg.OUTPUT_DIR, "logs"))
+    if cuda and cfg.ALLOW_TF32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if not cuda:
+        from lora_tools.machine import keep_host_memory
 
-# =============================================================================
-# 2. Load the pretrained model and freeze it
-# =============================================================================
-def load_models(cfg, weight_dtype, vae_dtype):
-    """The five parts of Stable Diffusion (Rombach et al. 2022, LDM Sec. 3): tokenizer + CLIP text
-    encoder τθ(y), VAE encoder/decoder E/D (x -> z, 8x smaller), UNet εθ(z_t, t, τθ(y)), noise schedule."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+        keep_host_memory()  # glibc: reuse freed host memory instead of returning it to the OS every step
+        print0("no CUDA GPU visible: training on the CPU in fp32 — fine for --DEMO=True, far too slow for SD1.5")
+    if cfg.DEMO:
+        from lora_tools.demo import build_tiny_dataset, build_tiny_pipeline
 
-    kw = dict(revision=cfg.REVISION)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(cfg.MODEL_ID, subfolder="tokenizer", **kw)
-        # frozen weights are loaded straight into the mixed-precision dtype (half the memory of fp32)
-        text_encoder = CLIPTextModel.from_pretrained(cfg.MODEL_ID, subfolder="text_encoder", dtype=weight_dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(cfg.MODEL_ID, subfolder="vae", dtype=vae_dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(cfg.MODEL_ID, subfolder="unet", dtype=weight_dtype, **kw)
-        # Training always uses the DDPM forward process, whatever sampler the checkpoint ships for inference.
-        noise_scheduler = DDPMScheduler.from_pretrained(cfg.MODEL_ID, subfolder="scheduler", **kw)
-    except OSError as e:  # huggingface_hub's not-found / offline / connection errors are OSErrors
-        raise UserError(explain_load_error("MODEL_ID", cfg.MODEL_ID, e)) from None
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
-
-
-def explain_load_error(setting, name, error):
-    """One line on why a hub download or local load failed, and what to do."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if os.path.isdir(name):
-        return f"{setting}={name!r}: could not load from this folder ({text})"
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return (f"{setting}={name!r} is not in the local hub cache and HF_HUB_OFFLINE=1 forbids downloading — "
-                f"unset HF_HUB_OFFLINE, or download it once and pass its local folder")
-    names = type(error).__name__ + " " + text
-    if any(k in names for k in ("RepositoryNotFound", "GatedRepo", "401", "403", "404")):
-        return (f"{setting}={name!r} was not found on the hub, or it is private/gated — check the spelling, accept "
-                f"its licence on the hub, and log in (huggingface-cli login or HF_TOKEN)")
-    return (f"{setting}={name!r} could not be fetched: the hub is unreachable ({text}) — check the network or proxy, "
-            f"or download it elsewhere and pass its local folder")
-
-
-def freeze(*models):
-    """W0 stays fixed (Hu et al. 2021, Sec. 4.1): no gradients, no optimizer state, no change."""
-    for m in models:
-        m.requires_grad_(False)
-        m.eval()  # no dropout in the frozen parts
-
-
-def count_params(model, trainable=None):
-    return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
+        with accelerator.main_process_first():  # built once, then every process reads it
+            build_tiny_pipeline(DEMO_SETTINGS["MODEL_ID"])
+            build_tiny_dataset(DEMO_SETTINGS["DATA_DIR"])
+        print0("DEMO: a tiny Stable-Diffusion-shaped model with random weights; its test image will be noise")
+    check_paths(cfg)
+    if accelerator.is_main_process:
+        check_output_dir(cfg.OUTPUT_DIR)
+    print0(f"mixed precision: {mixed_precision} (frozen weights in {DTYPES[mixed_precision]}, LoRA weights in fp32)")
+    return accelerator, DTYPES[mixed_precision]
 
 
 # =============================================================================
-# 3. Add LoRA adapters (Hu et al. 2021, Sec. 4.1, Eq. 3)
-# =============================================================================
-def lora_config_from(cfg, target_modules=None):
-    from peft import LoraConfig
-
-    # "gaussian": A ~ N(0, σ = 1/r), B = 0, so ΔW = B·A = 0 and the adapted model starts exactly at W0.
-    return LoraConfig(r=cfg.LORA_RANK, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
-                      init_lora_weights="gaussian", target_modules=list(target_modules or cfg.TARGET_MODULES),
-                      use_dora=cfg.USE_DORA, use_rslora=cfg.USE_RSLORA)
-
-
-def check_target_modules(unet, targets):
-    """Each name in TARGET_MODULES must match a Linear layer of the UNet, or PEFT would train nothing there."""
-    linear = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
-    if missing:
-        in_attention = sorted({n.split(".attn1.")[-1] for n in linear if ".attn1." in n})
-        raise UserError(f"TARGET_MODULES {missing} match no layer of the UNet; its attention projections are "
-                        f"{in_attention} — e.g. --TARGET_MODULES=to_q,to_k,to_v,to_out.0")
-
-
-def add_lora(unet, cfg):
-    """Wrap each target Linear W0 (d_out x d_in) with B (d_out x r) · A (r x d_in):
-    h = W0·x + (α/r)·B·A·x. Only A and B train; they are kept in fp32 whatever the frozen dtype."""
-    check_target_modules(unet, cfg.TARGET_MODULES)
-    unet.add_adapter(lora_config_from(cfg))  # PEFT injection, through diffusers' adapter API
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # fp32 master weights: bf16 has 8 bits of mantissa, too few for small updates
-    return [p for p in unet.parameters() if p.requires_grad]
-
-
-def add_text_encoder_lora(text_encoder, cfg):
-    """TRAIN_TEXT_ENCODER: the same adapters on CLIP's q/k/v/out projections, through PEFT's own API
-    (transformers' add_adapter needs a newer PEFT than some installs have)."""
-    from peft import inject_adapter_in_model
-
-    config = lora_config_from(cfg, cfg.TEXT_ENCODER_TARGET_MODULES)
-    inject_adapter_in_model(config, text_encoder, adapter_name="default")  # also sets text_encoder.peft_config
-    for p in text_encoder.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return [p for p in text_encoder.parameters() if p.requires_grad]
-
-
-# =============================================================================
-# 4. Data: captioned images -> pixels and tokens -> (cached) latents and text embeddings
+# 2. Data: read and check the captioned images
 # =============================================================================
 def load_captioned_images(cfg, show_progress=True):
     """(images, captions): images is a list of file paths or PIL images, captions a list of str.
     Every image is decoded once here, so a broken file is skipped now, not hours into training."""
-    import warnings
-
     from tqdm.auto import tqdm
 
+    from lora_tools.checks import explain_load_error
     from lora_tools.data import CAPTION_COLUMN_GUESSES, IMAGE_COLUMN_GUESSES, HubImages, open_image, pick_column, read_folder
 
     if cfg.DATA_DIR is not None:
-        records = read_folder(cfg.DATA_DIR, cfg.CAPTION_COLUMN)
+        records = read_folder(cfg.DATA_DIR, cfg.CAPTION_COLUMN, log=print0)
         images, captions = [r[0] for r in records], [r[1] for r in records]
     else:
         from datasets import load_dataset
@@ -401,26 +227,116 @@ def load_captioned_images(cfg, show_progress=True):
             kept.append(i)
         except Exception as e:  # truncated, corrupt, or not an image at all: skip it, say which
             name = images[i] if isinstance(images, list) else f"row {i} of {cfg.DATASET_NAME}"
-            skipped.append(name)
-            warnings.warn(f"skipping unreadable image {name}: {type(e).__name__}: {e}", stacklevel=2)
+            skipped.append(f"{name} ({type(e).__name__})")
     where = cfg.DATA_DIR or cfg.DATASET_NAME
     if not kept:
-        raise UserError(f"none of the {n} images in {where!r} could be read — check the files (see the warnings above)")
+        raise UserError(f"none of the {n} images in {where!r} could be read ({', '.join(skipped[:3])}) — check the files")
     if skipped:
-        print0(f"skipped {len(skipped)} unreadable image(s) of {n}; training on {len(kept)}")
+        print0(f"skipped {len(skipped)} unreadable image(s) of {n}: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}; "
+               f"training on {len(kept)}")
     return [images[i] for i in kept], [captions[i] for i in kept]
 
 
+# =============================================================================
+# 3. Load Stable Diffusion and freeze it
+# =============================================================================
+def load_models(cfg, weight_dtype, vae_dtype):
+    """The five parts of Stable Diffusion (Rombach et al. 2022, LDM Sec. 3): tokenizer + CLIP text
+    encoder τθ(y), VAE encoder/decoder E/D (x -> z, 8x smaller), UNet εθ(z_t, t, τθ(y)), noise schedule."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from lora_tools.checks import explain_load_error
+
+    kw = dict(revision=cfg.REVISION)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(cfg.MODEL_ID, subfolder="tokenizer", **kw)
+        # frozen weights are loaded straight into the mixed-precision dtype (half the memory of fp32)
+        text_encoder = CLIPTextModel.from_pretrained(cfg.MODEL_ID, subfolder="text_encoder", dtype=weight_dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(cfg.MODEL_ID, subfolder="vae", dtype=vae_dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(cfg.MODEL_ID, subfolder="unet", dtype=weight_dtype, **kw)
+        # Training always uses the DDPM forward process, whatever sampler the checkpoint ships for inference.
+        noise_scheduler = DDPMScheduler.from_pretrained(cfg.MODEL_ID, subfolder="scheduler", **kw)
+    except OSError as e:  # huggingface_hub's not-found / offline / connection errors are OSErrors
+        raise UserError(explain_load_error("MODEL_ID", cfg.MODEL_ID, e)) from None
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def freeze(*models):
+    """W0 stays fixed (Hu et al. 2021, Sec. 4.1): no gradients, no optimizer state, no change."""
+    for m in models:
+        m.requires_grad_(False)
+        m.eval()  # no dropout in the frozen parts
+
+
+def count_params(model, trainable=None):
+    return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
+
+
+def frozen_dtype(model):
+    """The dtype of a model's frozen weights (its LoRA weights are fp32 whatever this is)."""
+    return next(p.dtype for p in model.parameters() if not p.requires_grad)
+
+
+# =============================================================================
+# 4. Add LoRA adapters (Hu et al. 2021, Sec. 4.1, Eq. 3)
+# =============================================================================
+# What PEFT puts around each target nn.Linear `base` (its frozen weight W0 is d_out x d_in):
+#
+#     class LoraLinear(nn.Module):
+#         def forward(self, x):                                         # x: (..., d_in)
+#             return self.base(x) + self.B(self.A(self.dropout(x))) * self.alpha / self.r
+#     A = nn.Linear(d_in, r, bias=False)    # "gaussian" init: A ~ N(0, 1/r²)
+#     B = nn.Linear(r, d_out, bias=False)   # zero init, so B·A = 0: training starts exactly at W0
+#
+# so h = W0·x + (α/r)·B·A·x, and only A and B (r·(d_in + d_out) numbers per layer) are trained.
+def lora_config_from(cfg, target_modules):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.LORA_RANK, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
+                      init_lora_weights="gaussian", target_modules=list(target_modules),
+                      use_dora=cfg.USE_DORA, use_rslora=cfg.USE_RSLORA)
+
+
+def check_target_modules(model, targets, setting):
+    """Each name must match a Linear layer of the model, or PEFT would train nothing there."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:  # name the projections inside its attention modules: "to_q", "to_out.0", "q_proj", ...
+        attention = sorted({".".join(n.split(".")[max(i for i, p in enumerate(n.split(".")) if "attn" in p) + 1:])
+                            for n in linear if "attn" in n})
+        raise UserError(f"{setting} {missing} match no layer of the {type(model).__name__}; its attention projections "
+                        f"are {attention} — e.g. --{setting}={','.join(attention)}")
+
+
+def add_lora(model, cfg, target_modules, setting="TARGET_MODULES"):
+    """Wrap each target Linear of `model` (the UNet or the CLIP text encoder) with a LoRA branch.
+    Returns the new trainable tensors, in fp32 whatever dtype the frozen weights have."""
+    from diffusers.training_utils import cast_training_params
+    from peft import inject_adapter_in_model
+
+    check_target_modules(model, target_modules, setting)
+    config = lora_config_from(cfg, target_modules)
+    if hasattr(model, "load_lora_adapter"):  # diffusers' models: add_adapter also registers the adapter by name
+        model.add_adapter(config)
+    else:  # transformers' add_adapter wants PEFT >= 0.22; PEFT's own injection does the same thing
+        inject_adapter_in_model(config, model, adapter_name="default")
+    # fp32 master weights: bf16 has 8 bits of mantissa, too few for small updates
+    cast_training_params(model, dtype=torch.float32)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# =============================================================================
+# 5. Encode the data once: pixels and tokens -> latents and text embeddings
+# =============================================================================
 def tokenize(tokenizer, captions):
     """Captions -> CLIP token ids, padded/truncated to the tokenizer's 77 positions. (N, 77)"""
-    import warnings
-
     limit = tokenizer.model_max_length
     lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False).input_ids]
     too_long = [c for c, n in zip(captions, lengths) if n > limit]
     if too_long:
-        warnings.warn(f"{len(too_long)} caption(s) are longer than the text encoder's {limit} tokens and were cut "
-                      f"(e.g. {too_long[0][:60]!r}...)", stacklevel=2)
+        print0(f"note: {len(too_long)} caption(s) are longer than the text encoder's {limit} tokens and were cut "
+               f"(e.g. {too_long[0][:60]!r}...)")
     return tokenizer(captions, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
 
 
@@ -448,7 +364,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         i, flip = item if isinstance(item, tuple) else (item, False)
         img = self.images[i]
         pixels = self.transform(open_image(img) if isinstance(img, str) else to_rgb(img))
-        return {"pixel_values": pixels.flip(-1) if flip else pixels, "input_ids": self.input_ids[i], "index": i}
+        return {"pixel_values": pixels.flip(-1) if flip else pixels, "input_ids": self.input_ids[i]}
 
 
 class CachedLatents(torch.utils.data.Dataset):
@@ -463,9 +379,8 @@ class CachedLatents(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, flip = item if isinstance(item, tuple) else (item, False)
-        k = int(flip)  # orientation 1 is the mirrored image
         text = {"text_emb": self.text_emb[i]} if self.text_emb is not None else {"input_ids": self.input_ids[i]}
-        return {"latent_mean": self.mean[i, k], "latent_std": self.std[i, k], "index": i, **text}
+        return {"latent_mean": self.mean[i, int(flip)], "latent_std": self.std[i, int(flip)], **text}  # view 1 = mirrored
 
 
 @torch.no_grad()
@@ -486,28 +401,23 @@ def cache_latents(dataset, vae, text_encoder, cfg, show_progress=True):
     """Run the frozen encoders once over the data (both orientations when RANDOM_FLIP)."""
     from tqdm.auto import tqdm
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE,
-                                         num_workers=min(4, max(0, (os.cpu_count() or 1) - 1)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, num_workers=min(4, max(0, (os.cpu_count() or 1) - 1)))
     means, stds, embs = [], [], []
     for batch in tqdm(loader, desc="caching latents", disable=not show_progress):
         px = batch["pixel_values"]
-        views = [px, px.flip(-1)] if cfg.RANDOM_FLIP else [px]
-        moments = [encode_images(vae, v) for v in views]
+        moments = [encode_images(vae, v) for v in ([px, px.flip(-1)] if cfg.RANDOM_FLIP else [px])]
         means.append(torch.stack([m for m, _ in moments], 1).cpu())  # (B, views, 4, h, w)
         stds.append(torch.stack([s for _, s in moments], 1).cpu())
         if not cfg.TRAIN_TEXT_ENCODER:  # a trained text encoder changes its output every step: no cache
             embs.append(encode_text(text_encoder, batch["input_ids"]).cpu())  # (B, 77, d)
-    pin = torch.cuda.is_available()
-    mean, std = torch.cat(means), torch.cat(stds)
-    emb = torch.cat(embs) if embs else None
-    if pin:
-        mean, std, emb = mean.pin_memory(), std.pin_memory(), emb.pin_memory() if emb is not None else None
-    return CachedLatents(mean, std, emb, dataset.input_ids)
+    # not pinned: the DataLoader collates a new tensor per batch and pins that one (pin_memory=True)
+    return CachedLatents(torch.cat(means), torch.cat(stds), torch.cat(embs) if embs else None, dataset.input_ids)
 
 
 class EpochShuffle(torch.utils.data.Sampler):
     """Yields (index, flip) pairs: a fresh permutation and fresh flips per epoch, both a pure function
-    of (seed, epoch), so a resumed run replays exactly the same data without saving sampler state."""
+    of (seed, epoch), so a resumed run replays exactly the same data without saving sampler state,
+    and every process of a multi-GPU run draws the same order (accelerate gives each its share)."""
 
     def __init__(self, n, seed, random_flip):
         self.n, self.seed, self.random_flip, self.epoch = n, seed, random_flip, 0
@@ -525,18 +435,26 @@ class EpochShuffle(torch.utils.data.Sampler):
         return self.n
 
 
+def make_dataloader(dataset, cfg, cuda):
+    workers = cfg.DATALOADER_NUM_WORKERS
+    if workers is None:  # cached latents are a tensor lookup; images need decoding
+        workers = 0 if cfg.CACHE_LATENTS else min(4, max(0, (os.cpu_count() or 1) - 1))
+    sampler = EpochShuffle(len(dataset), cfg.SEED, cfg.RANDOM_FLIP)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=sampler, num_workers=workers,
+                                       pin_memory=cuda, persistent_workers=workers > 0)
+
+
 # =============================================================================
-# 5. The training loop (DDPM, Ho et al. 2020, Algorithm 1 and Eq. 14, in latent space)
+# 6. Train (DDPM, Ho et al. 2020, Algorithm 1 and Eq. 14, in latent space)
 # =============================================================================
 def min_snr_weights(noise_scheduler, t, gamma):
     """Min-SNR-γ (Hang et al. 2023, Sec. 3.4 and 4.2): weight each timestep's loss by min(SNR(t), γ),
     expressed for the network's target: ÷SNR(t) for ε-prediction, ÷(SNR(t)+1) for v-prediction."""
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(t.device)[t].float()
-    snr = alphas_cumprod / (1 - alphas_cumprod)  # SNR(t) = ᾱ_t / (1 - ᾱ_t)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, t)  # SNR(t) = ᾱ_t / (1 - ᾱ_t)
     clipped = torch.clamp(snr, max=gamma)  # min(SNR(t), γ)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr
+    return clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
 
 
 def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_encoder=None, snr_gamma=None, noise_offset=0.0):
@@ -562,7 +480,7 @@ def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_en
     if prediction_type == "epsilon":
         target = noise  # DDPM Eq. (14): ‖ε − εθ(z_t, t)‖²
     elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, t)  # v = √ᾱ_t·ε − √(1-ᾱ_t)·z0
+        target = noise_scheduler.get_velocity(latents, noise, t)  # v = √ᾱ_t·ε − √(1-ᾱ_t)·z0 (Salimans & Ho 2022)
     else:
         raise UserError(f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
     if snr_gamma is None:
@@ -571,43 +489,253 @@ def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_en
     return (per_image * min_snr_weights(noise_scheduler, t, snr_gamma)).mean()
 
 
-def lora_param_groups(cfg, unet, text_encoder=None):
-    """AdamW parameter groups. LoRA+ (Hayou et al. 2024): B matrices learn at LEARNING_RATE x
-    LORAPLUS_LR_RATIO; the text encoder has its own rate."""
+def make_optimizer(models, cfg, cuda):
+    """AdamW over the LoRA tensors: fused into one kernel on a GPU, multi-tensor (foreach) on a CPU,
+    or bitsandbytes' 8-bit AdamW. Parameter groups: LoRA+ (Hayou et al. 2024) lets the B matrices
+    learn at LEARNING_RATE x LORAPLUS_LR_RATIO; the text encoder has its own rate."""
     groups = []
-    te_lr = cfg.TEXT_ENCODER_LEARNING_RATE or cfg.LEARNING_RATE
-    for model, lr in ((unet, cfg.LEARNING_RATE), (text_encoder, te_lr)):
-        if model is None:
-            continue
+    for model, lr in models:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups.append({"params": [p for n, p in named if "lora_B" not in n], "lr": lr})  # A (and DoRA's magnitudes)
         groups.append({"params": [p for n, p in named if "lora_B" in n], "lr": lr * (cfg.LORAPLUS_LR_RATIO or 1.0)})
-    return [g for g in groups if g["params"]]
-
-
-def unwrap(accelerator, model):
-    """The plain module, without the DDP and torch.compile wrappers (a compiled wrapper would keep
-    running its traced graph after adapters are added or switched, and prefixes its parameter names)."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
-
-
-def make_optimizer(params, cfg, cuda):  # params: a list of tensors or of parameter groups
-    """AdamW over the LoRA tensors: fused into one kernel on a GPU, multi-tensor (foreach) on a CPU,
-    or bitsandbytes' 8-bit AdamW (its two moment tensors in 8 bits instead of 32)."""
+    groups = [g for g in groups if g["params"]]
     if cfg.USE_8BIT_ADAM:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("USE_8BIT_ADAM=True needs bitsandbytes — pip install bitsandbytes, or --USE_8BIT_ADAM=False") from None
+        import bitsandbytes as bnb  # check_environment made sure it is installed
+
         if not cuda:
             raise UserError("USE_8BIT_ADAM=True needs a CUDA GPU — use --USE_8BIT_ADAM=False on a CPU")
-        return bnb.optim.AdamW8bit(params, lr=cfg.LEARNING_RATE, weight_decay=cfg.ADAM_WEIGHT_DECAY)
-    return torch.optim.AdamW(params, lr=cfg.LEARNING_RATE, weight_decay=cfg.ADAM_WEIGHT_DECAY,
+        return bnb.optim.AdamW8bit(groups, lr=cfg.LEARNING_RATE, weight_decay=cfg.ADAM_WEIGHT_DECAY)
+    return torch.optim.AdamW(groups, lr=cfg.LEARNING_RATE, weight_decay=cfg.ADAM_WEIGHT_DECAY,
                              fused=True if cuda else None, foreach=None if cuda else True)
 
 
+# --- checkpoints: everything an exact continuation needs (lora_tools/checkpoint.py) ---------------
+def save_training_checkpoint(cfg, step, unet, text_encoder, optimizer, lr_scheduler, accelerator):
+    """checkpoint-<step>/: the LoRA (fp32, so resuming is exact), optimizer, schedule, scaler, and
+    every process's own RNG states. Called on every process; the main process writes."""
+    from accelerate.utils import gather_object
+
+    from lora_tools.checkpoint import rng_states, save_checkpoint
+
+    rngs = gather_object([rng_states()])  # [process 0's, process 1's, ...] on every process
+    if not accelerator.is_main_process:
+        return None
+    write = lambda p: save_lora(p, unet, cfg, text_encoder, dtype=torch.float32)  # noqa: E731
+    return save_checkpoint(cfg.OUTPUT_DIR, step, write, optimizer, lr_scheduler, accelerator.scaler, rngs,
+                           {"global_step": step}, cfg.to_json(), cfg.CHECKPOINTS_TOTAL_LIMIT)
+
+
+def restore_checkpoint(path, cfg, unet, text_encoder, optimizer, lr_scheduler, accelerator):
+    """Load the LoRA weights, optimizer, schedule and scaler state of checkpoint `path`. Returns
+    (global_step, this process's RNG states, or None when the checkpoint has none for it)."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    from lora_tools.checkpoint import load_checkpoint
+
+    lora, state, old = load_checkpoint(path)
+    now = cfg.as_dict()
+    for key in ("LORA_RANK", "TARGET_MODULES", "USE_DORA", "TRAIN_TEXT_ENCODER", "TEXT_ENCODER_TARGET_MODULES"):
+        before = old.get(key, globals()[key])  # a key the checkpoint lacks had its default then
+        if before != now[key]:
+            raise UserError(f"{path} was trained with {key}={before!r}, this run has {now[key]!r} — use the same --{key} to resume")
+    changed = [k for k in ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "SEED", "LORA_ALPHA", "LEARNING_RATE") if old.get(k) != now[k]]
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process that wrote it
+    if len(rngs) != accelerator.num_processes:
+        changed.append(f"the number of processes ({len(rngs)} then, {accelerator.num_processes} now)")
+    if changed:
+        print0(f"note: {', '.join(changed)} differ from the checkpoint's run: the continuation will not be exact")
+    parts = [("unet.", unet, convert_unet_state_dict_to_peft)]
+    if cfg.TRAIN_TEXT_ENCODER:
+        parts.append(("text_encoder.", text_encoder, convert_state_dict_to_peft))
+    for prefix, model, to_peft in parts:
+        sd = to_peft({k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)})
+        result = set_peft_model_state_dict(model, sd, adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"{path} does not match this model: unexpected keys such as {result.unexpected_keys[0]}")
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rank = accelerator.process_index
+    return state["position"]["global_step"], rngs[rank] if rank < len(rngs) else None
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the loop checkpoints at the next step boundary and exits.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        import signal
+
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print0("\nstop requested: saving a checkpoint after this step (Ctrl-C again to quit at once)")
+
+    def agreed(self, accelerator, sync_now):
+        """Whether to stop now. Several processes must agree, or one would wait for the others
+        forever; comparing flags is a sync, so they compare only where they sync anyway."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        if not sync_now:
+            return False
+        flag = torch.tensor(float(self.signum is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "max").item())
+
+    def restore(self):
+        import signal
+
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class MetricsLog:
+    """OUTPUT_DIR/metrics.jsonl, one line {step, loss, lr, epoch} per LOG_EVERY optimizer steps
+    (a resumed run keeps the lines up to its checkpoint's step), and tensorboard when REPORT_TO."""
+
+    def __init__(self, cfg, accelerator, resume_step):
+        from lora_tools.pictures import read_metrics  # ignores a last line cut short by a crash
+
+        self.path, self.accelerator, self.report = os.path.join(cfg.OUTPUT_DIR, "metrics.jsonl"), accelerator, cfg.REPORT_TO
+        if accelerator.is_main_process:
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step and os.path.exists(self.path) else []
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        if cfg.REPORT_TO:
+            accelerator.init_trackers("lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                      for k, v in cfg.as_dict().items()})
+
+    def write(self, record):
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.report:
+            self.accelerator.log({"loss": record["loss"], "lr": record["lr"]}, step=record["step"])
+
+
+def train(cfg, accelerator, unet, text_encoder, train_models, optimizer, lr_scheduler, dataloader, noise_scheduler,
+          scaling_factor, max_steps, start_step=0, resume_rng=None, vae=None, argv=()):
+    """The training loop. train_models: the models being trained as accelerate prepared them (DDP /
+    compiled wrappers around `unet` and `text_encoder`). Returns the number of optimizer steps done."""
+    from tqdm.auto import tqdm
+
+    from lora_tools.checkpoint import set_rng_states
+
+    steps_per_epoch = math.ceil(len(dataloader) / cfg.GRADIENT_ACCUMULATION_STEPS)
+    first_epoch, skip = divmod(start_step, steps_per_epoch)
+    skip *= cfg.GRADIENT_ACCUMULATION_STEPS  # micro-batches of the resumed epoch already trained on
+    lora_params = [p for m in train_models for p in m.parameters() if p.requires_grad]
+    train_unet, train_te = train_models[0], (train_models[1] if len(train_models) > 1 else text_encoder)
+    metrics, stop = MetricsLog(cfg, accelerator, start_step), StopRequest()
+    progress = tqdm(total=max_steps, initial=start_step, desc="training", disable=not accelerator.is_local_main_process)
+    step, loss_sum, n_losses, t0, resuming = start_step, 0.0, 0, time.time(), start_step > 0
+    for m in train_models:
+        m.train()
+    try:
+        for epoch in range(first_epoch, math.ceil(max_steps / steps_per_epoch)):
+            dataloader.set_epoch(epoch)  # a new permutation and new flips (EpochShuffle), the same on every process
+            batches = iter(dataloader)
+            if resuming:  # exact resume: skip what was trained on, then restore this process's RNGs
+                for _ in range(skip):
+                    next(batches)
+                if resume_rng is not None:
+                    set_rng_states(resume_rng)
+                resuming = False
+            for batch in batches:
+                with accelerator.accumulate(*train_models):  # the optimizer steps on the last micro-batch only
+                    loss = compute_loss(batch, train_unet, noise_scheduler, scaling_factor, vae, train_te,
+                                        snr_gamma=cfg.SNR_GAMMA, noise_offset=cfg.NOISE_OFFSET)  # noise -> predict -> loss
+                    accelerator.backward(loss)  # gradients reach A and B only (fp16: the loss is scaled first)
+                    if accelerator.sync_gradients and cfg.MAX_GRAD_NORM is not None:
+                        accelerator.clip_grad_norm_(lora_params, cfg.MAX_GRAD_NORM)  # a list, not a spent generator
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum, n_losses = loss_sum + loss.detach(), n_losses + 1
+                if not accelerator.sync_gradients:
+                    continue
+                lr = lr_scheduler.get_last_lr()[0]
+                lr_scheduler.step()
+                step += 1
+                progress.update(1)
+                due = step % cfg.LOG_EVERY == 0 or step == max_steps
+                if due:  # log: one device->host read every LOG_EVERY steps
+                    loss_mean = accelerator.reduce(loss_sum / n_losses, "mean").item()
+                    metrics.write({"step": step, "loss": loss_mean, "lr": lr, "epoch": epoch})
+                    progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}")
+                    loss_sum, n_losses = 0.0, 0
+                    if not math.isfinite(loss_mean):
+                        raise UserError(f"training diverged: the loss became {loss_mean} by step {step} — lower LEARNING_RATE, "
+                                        "use bf16 rather than fp16 (or --VAE_FP32=True), or MIXED_PRECISION=no; "
+                                        "no weights were written, earlier checkpoints are kept")
+                if cfg.VALIDATION_STEPS and step % cfg.VALIDATION_STEPS == 0 and step < max_steps:
+                    if accelerator.is_main_process:
+                        progress.write(f"validation images: {log_validation(cfg, accelerator, unet, text_encoder, step)}")
+                    for m in train_models:
+                        m.train()
+                periodic = bool(cfg.CHECKPOINTING_STEPS) and step % cfg.CHECKPOINTING_STEPS == 0
+                stopping = stop.agreed(accelerator, sync_now=due or periodic)
+                if (periodic or stopping) and step < max_steps:
+                    path = save_training_checkpoint(cfg, step, unet, text_encoder, optimizer, lr_scheduler, accelerator)
+                    if path:
+                        progress.write(f"checkpoint: {path}")
+                    if stopping:
+                        progress.close()
+                        print0(f"stopped at step {step}; resume with:\n  {resume_command(argv, os.path.join(cfg.OUTPUT_DIR, f'checkpoint-{step}'))}")
+                        sys.exit(130 if stop.signum == 2 else 143)
+                if step >= max_steps:
+                    break
+    finally:
+        stop.restore()
+        progress.close()  # before any error message, so it starts on a line of its own
+    print0(f"trained {step - start_step} steps in {time.time() - t0:.1f}s; {peak_memory_text(accelerator, 'training')}")
+    return step
+
+
+def resume_command(argv, checkpoint):
+    import shlex
+
+    kept = [a for a in argv if not a.startswith("--RESUME_FROM=")]
+    return shlex.join(["python", os.path.basename(__file__), *kept, f"--RESUME_FROM={checkpoint}"])
+
+
+def peak_memory_text(accelerator, phase):
+    """Peak memory since the last call: on a GPU what tensors held (torch.cuda.max_memory_allocated;
+    the caching allocator reserves somewhat more), on a CPU the process's resident-set high-water mark."""
+    if accelerator.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return f"peak GPU memory allocated while {phase}: {peak / 2**30:.2f} GB"
+    import resource
+
+    return f"peak host memory (RSS) so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB"  # ru_maxrss: KiB
+
+
+@torch.no_grad()
+def log_validation(cfg, accelerator, unet, text_encoder, step):
+    """Mid-training pictures: the model being trained, wrapped in a pipeline (VAE and, unless trained,
+    text encoder reloaded from MODEL_ID), rendering VALIDATION_PROMPTS into validation/step-<N>.png."""
+    from lora_tools.pictures import image_grid
+
+    parts = dict(unet=unet, text_encoder=text_encoder) if cfg.TRAIN_TEXT_ENCODER else dict(unet=unet)
+    pipe = load_pipeline(cfg, frozen_dtype(unet), **parts).to(accelerator.device)
+    for model in parts.values():
+        model.eval()
+    seeds = [cfg.SEED + i for i in range(cfg.NUM_VALIDATION_SEEDS)]
+    with accelerator.autocast():
+        images = render(pipe, cfg, cfg.VALIDATION_PROMPTS, seeds)
+    grid = image_grid(images, rows=len(cfg.VALIDATION_PROMPTS), labels=[f"seed {s}" for s in seeds],
+                      row_labels=list(cfg.VALIDATION_PROMPTS))
+    path = os.path.join(cfg.OUTPUT_DIR, "validation", f"step-{step:06d}.png")
+    save_png(grid, path)
+    return path
+
+
 # =============================================================================
-# 6. Save the adapter, then check that the file is the model we trained
+# 7. Save the adapter, then check that the file is the model we trained
 # =============================================================================
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -651,20 +779,19 @@ def save_lora(path, unet, cfg, text_encoder=None, dtype=None):
     return sum(v.numel() for v in tensors.values())
 
 
-def fixed_unet_input(unet, resolution, device, seed=1234):
+def fixed_unet_input(unet, vae_scale, resolution, device, seed=1234):
     g = torch.Generator().manual_seed(seed)
-    h = resolution // 8
+    h = resolution // vae_scale
     z = torch.randn(1, unet.config.in_channels, h, h, generator=g)
     c = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
-    t = torch.tensor([500])
-    return z.to(device), t.to(device), c.to(device)
+    return z.to(device), torch.tensor([500], device=device), c.to(device)  # fp32: autocast casts them
 
 
 @torch.no_grad()
-def check_saved_lora(unet, path, cfg, autocast):
+def check_saved_lora(unet, path, cfg, vae_scale, autocast):
     """Reload the file the way diffusers does (load_lora_adapter reads the alpha metadata) into the
     same frozen base, and compare with the trained adapter on one fixed input."""
-    z, t, c = fixed_unet_input(unet, cfg.RESOLUTION, unet.device)
+    z, t, c = fixed_unet_input(unet, vae_scale, cfg.RESOLUTION, unet.device)
     unet.eval()  # no LoRA dropout in the comparison
     with autocast():
         y_trained = unet(z, t, c, return_dict=False)[0].float()
@@ -672,7 +799,9 @@ def check_saved_lora(unet, path, cfg, autocast):
         y_base = unet(z, t, c, return_dict=False)[0].float()
         unet.enable_adapters()
         # folder + weight_name: diffusers reads the alpha metadata only on its safetensors path
-        unet.load_lora_adapter(os.path.dirname(path), weight_name=os.path.basename(path), prefix="unet", adapter_name="reloaded")
+        with warnings.catch_warnings():  # PEFT warns that this adds a second adapter: here that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            unet.load_lora_adapter(os.path.dirname(path), weight_name=os.path.basename(path), prefix="unet", adapter_name="reloaded")
         unet.set_adapter("reloaded")
         unet.eval()  # the new adapter's dropout modules were created in training mode
         y_reloaded = unet(z, t, c, return_dict=False)[0].float()
@@ -680,11 +809,12 @@ def check_saved_lora(unet, path, cfg, autocast):
     unet.delete_adapters("reloaded")
     diff = (y_reloaded - y_trained).abs().max().item()
     effect = (y_trained - y_base).abs().max().item()
-    base_dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)
-    compute_eps = 1e-5 if base_dtype == torch.float32 else 1e-2  # rounding of the forward pass itself
+    compute_eps = 1e-5 if frozen_dtype(unet) == torch.float32 else 1e-2  # rounding of the forward pass itself
     save_eps = 1e-2 if cfg.SAVE_DTYPE == "fp16" else 0.0  # fp16 files round B and A (a wrong alpha is off by ~100%)
     tolerance = compute_eps * max(1.0, y_trained.abs().max().item()) + save_eps * effect
-    return diff, effect, tolerance
+    if diff > tolerance:
+        raise RuntimeError(f"the saved LoRA does not reproduce the trained model (max difference {diff:.3g} > {tolerance:.3g})")
+    print0(f"reload check: saved file vs trained model, max |Δoutput| = {diff:.2e} (LoRA's own effect {effect:.2e})")
 
 
 def save_webui_file(cfg, unet, text_encoder, steps, num_images, t_start):
@@ -706,56 +836,94 @@ def save_webui_file(cfg, unet, text_encoder, steps, num_images, t_start):
     return path
 
 
-def report_rank_spectrum(cfg, unet):
-    """Look inside the adapter: singular values of every learned update ΔW = (α/r)·B·A, and how much
-    of each update's energy its top 1, 2, ... r directions carry (Hu et al. 2021's low-rank idea, measured)."""
-    from lora_tools.pictures import lora_updates, save_spectrum_plot, spectrum_table
+def save_and_check(cfg, accelerator, unet, text_encoder, vae_scale, steps, num_images, t_start):
+    """The adapter files, the config, the reload check, and the pictures of the run itself."""
+    from lora_tools.pictures import lora_updates, read_metrics, save_loss_curve, save_spectrum_plot, spectrum_table
 
+    weights_path = os.path.join(cfg.OUTPUT_DIR, WEIGHTS_NAME)
+    n = save_lora(weights_path, unet, cfg, text_encoder)
+    kohya_path = save_webui_file(cfg, unet, text_encoder, steps, num_images, t_start)
+    atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "training_config.json"), cfg.to_json() + "\n")
+    print0(f"saved {n:,} LoRA parameters to {weights_path} ({os.path.getsize(weights_path) / 1e6:.2f} MB, {cfg.SAVE_DTYPE})"
+           + (f" and {kohya_path} (WebUI/ComfyUI keys)" if kohya_path else ""))
+    check_saved_lora(unet, weights_path, cfg, vae_scale, accelerator.autocast)
+    # a look inside the adapter: how many directions each learned update ΔW = (α/r)·B·A really uses
     if cfg.USE_DORA:
         print0("note: USE_DORA=True — no rank spectrum (a DoRA update also rescales W0's columns, it is not (α/r)·B·A)")
-        return
-    rows, text = spectrum_table(lora_updates(unet))
-    print0(text)
-    save_spectrum_plot(rows, os.path.join(cfg.OUTPUT_DIR, "rank_spectrum.png"))
-
-
-def plot_loss_curve(metrics_path, png_path):
-    from lora_tools.pictures import read_metrics, save_loss_curve
-
-    records = read_metrics(metrics_path)
+    else:
+        rows, text = spectrum_table(lora_updates(unet))
+        print0(text)
+        save_spectrum_plot(rows, os.path.join(cfg.OUTPUT_DIR, "rank_spectrum.png"))
+    records = read_metrics(os.path.join(cfg.OUTPUT_DIR, "metrics.jsonl"))
     if records:
-        save_loss_curve(records, png_path)
+        save_loss_curve(records, os.path.join(cfg.OUTPUT_DIR, "loss_curve.png"))
 
 
 # =============================================================================
-# 7. Load base + LoRA as any user would, and generate
+# 8. Load base + LoRA as any user would, and generate
 # =============================================================================
-def load_pipeline_with_lora(cfg, weights_dir, dtype, weight_name=WEIGHTS_NAME):
-    """StableDiffusionPipeline.from_pretrained + load_lora_weights: plain diffusers, nothing of ours."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(cfg, dtype, **parts):
+    """StableDiffusionPipeline.from_pretrained (parts: models to use instead of MODEL_ID's); with
+    VAE_FP32 its VAE is fp32 whatever `dtype` the rest has (render then decodes the latents itself)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.MODEL_ID, revision=cfg.REVISION, dtype=dtype,
-                                                   safety_checker=None, requires_safety_checker=False)
-    pipe.load_lora_weights(weights_dir, weight_name=weight_name)
+    if cfg.VAE_FP32:  # read in fp32 as training read it (cast up from `dtype`, it would keep that dtype's rounding)
+        parts.setdefault("vae", AutoencoderKL.from_pretrained(cfg.MODEL_ID, subfolder="vae", revision=cfg.REVISION, dtype=torch.float32))
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.MODEL_ID, revision=cfg.REVISION, dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False, **parts)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def load_pipeline_with_lora(cfg, weights_dir, dtype, weight_name=WEIGHTS_NAME):
+    """load_pipeline + load_lora_weights: plain diffusers, nothing of ours."""
+    import logging
+
+    pipe = load_pipeline(cfg, dtype)
+    # diffusers logs "No LoRA keys associated to CLIPTextModel" for a UNet-only file, the usual kind: drop that line only
+    no_text_encoder_notice = lambda record: "No LoRA keys associated to CLIPTextModel" not in record.getMessage()  # noqa: E731
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    logger.addFilter(no_text_encoder_notice)
+    try:
+        pipe.load_lora_weights(weights_dir, weight_name=weight_name)
+    finally:
+        logger.removeFilter(no_text_encoder_notice)
+    return pipe
+
+
+@torch.no_grad()
 def render(pipe, cfg, prompts, seeds):
     """One image per (prompt, seed), each from its own CPU generator: the same noise on any device."""
-    pipe.set_progress_bar_config(disable=True)
-    return [pipe(p, height=cfg.RESOLUTION, width=cfg.RESOLUTION, num_inference_steps=cfg.NUM_INFERENCE_STEPS,
-                 guidance_scale=cfg.GUIDANCE_SCALE, generator=torch.Generator().manual_seed(s)).images[0]
-            for p in prompts for s in seeds]
+    images = []
+    for p in prompts:
+        for s in seeds:
+            kw = dict(height=cfg.RESOLUTION, width=cfg.RESOLUTION, num_inference_steps=cfg.NUM_INFERENCE_STEPS,
+                      guidance_scale=cfg.GUIDANCE_SCALE, generator=torch.Generator().manual_seed(s))
+            if pipe.vae.dtype == pipe.unet.dtype:
+                images.append(pipe(p, **kw).images[0])
+            else:  # VAE_FP32: the pipeline would feed fp16 latents to the fp32 VAE; decode them in fp32 here
+                latents = pipe(p, output_type="latent", **kw).images
+                decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+                images.append(pipe.image_processor.postprocess(decoded)[0])
+    return images
 
 
-def validation_grid(pipe, cfg):
-    """VALIDATION_PROMPTS (rows) x NUM_VALIDATION_SEEDS (columns), as one labelled picture."""
-    from lora_tools.pictures import image_grid
-
-    seeds = [cfg.SEED + i for i in range(cfg.NUM_VALIDATION_SEEDS)]
-    images = render(pipe, cfg, cfg.VALIDATION_PROMPTS, seeds)
-    return image_grid(images, rows=len(cfg.VALIDATION_PROMPTS), labels=[f"seed {s}" for s in seeds],
-                      row_labels=list(cfg.VALIDATION_PROMPTS))
+def reproduce_recipe(cfg, dtype, device):
+    """The plain-diffusers lines that render test_generation.png again: same dtype, device and seed."""
+    fp32_vae = cfg.VAE_FP32 and dtype != torch.float32
+    vae = f"vae=AutoencoderKL.from_pretrained({cfg.MODEL_ID!r}, subfolder='vae', dtype=torch.float32), " if fp32_vae else ""
+    lines = [f"import torch; from diffusers import {'AutoencoderKL, ' if fp32_vae else ''}StableDiffusionPipeline",
+             f"pipe = StableDiffusionPipeline.from_pretrained({cfg.MODEL_ID!r}, dtype={dtype}, {vae}safety_checker=None).to({str(device)!r})",
+             f"pipe.load_lora_weights({cfg.OUTPUT_DIR!r})"]
+    call = (f"pipe({cfg.VALIDATION_PROMPTS[0]!r}, height={cfg.RESOLUTION}, width={cfg.RESOLUTION}, "
+            f"num_inference_steps={cfg.NUM_INFERENCE_STEPS}, guidance_scale={cfg.GUIDANCE_SCALE}, "
+            f"generator=torch.Generator().manual_seed({cfg.SEED})")
+    if fp32_vae:  # VAE_FP32: decode the latents in fp32
+        lines += [f"latents = {call}, output_type='latent').images",
+                  "with torch.no_grad(): image = pipe.image_processor.postprocess(pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor).sample)[0]"]
+    else:
+        lines.append(f"image = {call}).images[0]")
+    return "\n".join("  " + line for line in lines)
 
 
 def save_png(image, path):
@@ -763,48 +931,19 @@ def save_png(image, path):
         image.save(tmp, format="PNG")
 
 
-def save_comparison(pipe, cfg, path):
-    """comparison.png: the same prompts and seed without (top) and with (bottom) the LoRA."""
-    from lora_tools.pictures import comparison_image
-
-    pipe.disable_lora()
-    base = render(pipe, cfg, cfg.VALIDATION_PROMPTS, [cfg.SEED])
-    pipe.enable_lora()
-    tuned = render(pipe, cfg, cfg.VALIDATION_PROMPTS, [cfg.SEED])
-    save_png(comparison_image(base, tuned, list(cfg.VALIDATION_PROMPTS)), path)
-
-
-@torch.no_grad()
-def log_validation(cfg, accelerator, unet, text_encoder, dtype, step):
-    """Mid-training pictures: the model being trained, wrapped in a pipeline (VAE and, unless trained,
-    text encoder reloaded from MODEL_ID), rendering VALIDATION_PROMPTS into validation/step-<N>.png."""
-    from diffusers import StableDiffusionPipeline
-
-    parts = dict(unet=unwrap(accelerator, unet))
-    if cfg.TRAIN_TEXT_ENCODER:
-        parts["text_encoder"] = unwrap(accelerator, text_encoder)
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.MODEL_ID, revision=cfg.REVISION, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False, **parts).to(accelerator.device)
-    for model in parts.values():
-        model.eval()
-    with accelerator.autocast():
-        grid = validation_grid(pipe, cfg)
-    path = os.path.join(cfg.OUTPUT_DIR, "validation", f"step-{step:06d}.png")
-    save_png(grid, path)
-    del pipe
-    return path
-
-
-def merge_and_save(pipe, folder):
+def merge_and_save(cfg, folder):
     """SAVE_MERGED_MODEL: W = W0 + (α/r)·B·A written into the base weights (Hu et al. 2021, Sec. 4.1:
-    no extra inference latency), saved as a full pipeline folder that needs no LoRA loading."""
+    no extra inference latency), saved as a full pipeline folder that needs no LoRA loading.
+    Fused in fp32 on the CPU (in bf16 an update smaller than 1/256 of a weight would round away),
+    then saved in SAVE_DTYPE."""
     import shutil
     import tempfile
 
+    pipe = load_pipeline_with_lora(cfg, cfg.OUTPUT_DIR, torch.float32)
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; only the adapter modules go
-    parent = os.path.dirname(os.path.abspath(folder))
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".merged-")
+    pipe.to(SAVE_DTYPES[cfg.SAVE_DTYPE])
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(folder)), prefix=".merged-")
     try:
         pipe.save_pretrained(tmp)
         if os.path.isdir(folder):
@@ -814,348 +953,127 @@ def merge_and_save(pipe, folder):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# =============================================================================
-# Checkpoints, resume, interruption (helpers of the loop in main)
-# =============================================================================
-def save_training_checkpoint(cfg, step, unet, text_encoder, optimizer, lr_scheduler, accelerator):
-    from lora_tools.checkpoint import save_checkpoint
+def generate(cfg, accelerator, dtype):
+    """test_generation.png and comparison.png from base + LoRA loaded by plain diffusers, and the
+    merged model when asked for."""
+    from lora_tools.pictures import comparison_image
 
-    raw_unet = unwrap(accelerator, unet)
-    raw_te = unwrap(accelerator, text_encoder) if cfg.TRAIN_TEXT_ENCODER else None
-    write = lambda p: save_lora(p, raw_unet, cfg, raw_te, dtype=torch.float32)  # fp32: resume must be exact  # noqa: E731
-    return save_checkpoint(cfg.OUTPUT_DIR, step, write, optimizer, lr_scheduler, accelerator.scaler,
-                           {"global_step": step}, cfg.to_json(), cfg.CHECKPOINTS_TOTAL_LIMIT)
-
-
-def restore_checkpoint(path, cfg, unet, text_encoder, optimizer, lr_scheduler, accelerator):
-    """Load the LoRA weights, optimizer, schedule and scaler state of checkpoint `path`.
-    Returns (global_step, rng_states); the RNG states are restored by the loop at the right moment."""
-    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-
-    from lora_tools.checkpoint import load_checkpoint
-
-    lora, state, old = load_checkpoint(path)
-    now = cfg.as_dict()
-    for key in ("LORA_RANK", "TARGET_MODULES", "USE_DORA", "TRAIN_TEXT_ENCODER", "TEXT_ENCODER_TARGET_MODULES"):
-        before = old.get(key, globals()[key])  # a key the checkpoint lacks had its default then
-        if before != now[key]:
-            raise UserError(f"{path} was trained with {key}={before!r}, this run has {now[key]!r} — "
-                            f"use the same --{key} to resume")
-    changed = [k for k in ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "SEED", "LORA_ALPHA", "LEARNING_RATE") if old.get(k) != now[k]]
-    if changed:
-        print0(f"note: {', '.join(changed)} differ from the checkpoint's run: the continuation will not be exact")
-    parts = [("unet.", unet, convert_unet_state_dict_to_peft)]
-    if cfg.TRAIN_TEXT_ENCODER:
-        parts.append(("text_encoder.", text_encoder, convert_state_dict_to_peft))
-    for prefix, model, to_peft in parts:
-        sd = to_peft({k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)})
-        result = set_peft_model_state_dict(unwrap(accelerator, model), sd, adapter_name="default")
-        if getattr(result, "unexpected_keys", None):
-            raise UserError(f"{path} does not match this model: unexpected keys such as {result.unexpected_keys[0]}")
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if accelerator.scaler is not None and state["scaler"] is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    return state["position"]["global_step"], state["rng"]
-
-
-def start_metrics(path, resume_step):
-    """metrics.jsonl: one line per optimizer step. A fresh run starts it anew; a resumed run keeps
-    the lines up to its checkpoint's step."""
-    from lora_tools.pictures import read_metrics  # ignores a last line cut short by a crash
-
-    kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if resume_step and os.path.isfile(path) else []
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def append_metrics(path, records):
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM set a flag; the loop checkpoints at the next step boundary and exits.
-    A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        import signal
-
-        self.signum = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print0("\nstop requested: saving a checkpoint after this step (Ctrl-C again to quit at once)")
-
-    def restore(self):
-        import signal
-
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def resume_command(argv, checkpoint):
-    import shlex
-
-    kept = [a for a in argv if not a.startswith("--RESUME_FROM=")]
-    return shlex.join(["python", os.path.basename(__file__), *kept, f"--RESUME_FROM={checkpoint}"])
+    pipe = load_pipeline_with_lora(cfg, cfg.OUTPUT_DIR, dtype).to(accelerator.device)
+    image_path = os.path.join(cfg.OUTPUT_DIR, "test_generation.png")
+    save_png(render(pipe, cfg, cfg.VALIDATION_PROMPTS[:1], [cfg.SEED])[0], image_path)
+    print0(f"test image: {image_path} — reproduce it with plain diffusers:\n{reproduce_recipe(cfg, dtype, accelerator.device)}")
+    # comparison.png: the same prompts and seed without (top) and with (bottom) the LoRA
+    pipe.disable_lora()
+    base = render(pipe, cfg, cfg.VALIDATION_PROMPTS, [cfg.SEED])
+    pipe.enable_lora()
+    tuned = render(pipe, cfg, cfg.VALIDATION_PROMPTS, [cfg.SEED])
+    save_png(comparison_image({"base model": base, "base + LoRA": tuned}, list(cfg.VALIDATION_PROMPTS)),
+             os.path.join(cfg.OUTPUT_DIR, "comparison.png"))
+    del pipe
+    if cfg.SAVE_MERGED_MODEL:
+        merged = os.path.join(cfg.OUTPUT_DIR, "merged_pipeline")
+        merge_and_save(cfg, merged)
+        print0(f"merged pipeline (LoRA fused into the weights, {cfg.SAVE_DTYPE}): {merged}")
 
 
 # =============================================================================
-# The run: sections 1-7 in order
+# The run: sections 1-8 in order
 # =============================================================================
 def main(argv):
-    # --- 1. configuration -------------------------------------------------------
-    cfg = resolve_config(argv)
-    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import free_memory
 
-    from lora_tools.checkpoint import resolve_resume, set_rng_states
+    from lora_tools.checkpoint import resolve_resume
 
-    check_environment(cfg)
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        keep_host_memory()
-    mixed_precision = resolve_mixed_precision(cfg.MIXED_PRECISION, cuda)
-    weight_dtype = DTYPES[mixed_precision]  # dtype of every frozen weight
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda,
-                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS,
-                              dataloader_config=DataLoaderConfiguration(non_blocking=cuda),  # async copies from pinned memory
-                              log_with=cfg.REPORT_TO, project_dir=os.path.join(cfg.OUTPUT_DIR, "logs"))
-    device = accelerator.device
-    if not cuda:
-        print0("no CUDA GPU visible: training on the CPU in fp32 — fine for --DEMO=True, far too slow for SD1.5")
-    if cfg.DEMO:
-        from lora_tools.demo import build_tiny_dataset, build_tiny_pipeline
-
-        with accelerator.main_process_first():  # built once, then every process reads it
-            build_tiny_pipeline(demo_settings["MODEL_ID"])
-            build_tiny_dataset(demo_settings["DATA_DIR"])
-        print0("DEMO: a tiny Stable-Diffusion-shaped model with random weights; its test image will be noise")
-    check_paths(cfg)
-    if accelerator.is_main_process:
-        check_output_dir(cfg.OUTPUT_DIR)
+    # --- 1. configuration, checked before anything slow -----------------------------
+    cfg = resolve_config(argv)
+    accelerator, weight_dtype = start(cfg)
+    cuda, main_process = accelerator.device.type == "cuda", accelerator.is_main_process
     resume_path = resolve_resume(cfg.RESUME_FROM, cfg.OUTPUT_DIR)
     if cfg.RESUME_FROM == "latest" and resume_path is None:
         print0(f"RESUME_FROM=latest: no checkpoint in {cfg.OUTPUT_DIR} yet, starting a new run")
-    if cuda and cfg.ALLOW_TF32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    set_seed(cfg.SEED)
+    set_seed(cfg.SEED)  # the same on every process, so every process starts from the same LoRA
 
-    # --- 4a. list the data first: a bad folder fails before any model download ---
+    # --- 2. data: listed and decoded once, so a bad folder fails before any download -----
     images, captions = load_captioned_images(cfg, show_progress=accelerator.is_local_main_process)
 
-    # --- 2. load and freeze -----------------------------------------------------
+    # --- 3. load and freeze -----------------------------------------------------------
     vae_dtype = torch.float32 if cfg.VAE_FP32 else weight_dtype
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(cfg, weight_dtype, vae_dtype)
     freeze(text_encoder, vae, unet)
     base_params = count_params(unet)
-    for model in (text_encoder, vae, unet):
-        model.to(device)
+    text_encoder, vae, unet = (m.to(accelerator.device) for m in (text_encoder, vae, unet))  # no loop variable left holding the UNet
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)  # SD1.x: 8 (512 px -> 64x64 latents)
 
-    # --- 3. add LoRA ------------------------------------------------------------
-    lora_params = add_lora(unet, cfg)
+    # --- 4. add LoRA ------------------------------------------------------------------
+    lora_params = add_lora(unet, cfg, cfg.TARGET_MODULES)
     if cfg.TRAIN_TEXT_ENCODER:
-        lora_params += add_text_encoder_lora(text_encoder, cfg)
+        lora_params += add_lora(text_encoder, cfg, cfg.TEXT_ENCODER_TARGET_MODULES, "TEXT_ENCODER_TARGET_MODULES")
     trainable = sum(p.numel() for p in lora_params)
     scale = cfg.LORA_ALPHA / (math.sqrt(cfg.LORA_RANK) if cfg.USE_RSLORA else cfg.LORA_RANK)
     print0(f"LoRA r={cfg.LORA_RANK}, α={cfg.LORA_ALPHA} (scale {'α/√r' if cfg.USE_RSLORA else 'α/r'} = {scale:g}"
            f"{', DoRA' if cfg.USE_DORA else ''}) on {list(cfg.TARGET_MODULES)}{' + text encoder' if cfg.TRAIN_TEXT_ENCODER else ''}")
-    print0(f"trainable LoRA parameters: {trainable:,} = {100 * trainable / base_params:.3f}% of the UNet's {base_params:,} (frozen, {weight_dtype}); LoRA in fp32")
+    print0(f"trainable LoRA parameters: {trainable:,} = {100 * trainable / base_params:.3f}% of the UNet's {base_params:,} (frozen)")
     if cfg.GRADIENT_CHECKPOINTING:
         unet.enable_gradient_checkpointing()
 
-    # --- 4b. pixels and tokens -> (cached) latents and embeddings ----------------
+    # --- 5. encode the data once --------------------------------------------------------
     dataset = CaptionedImages(images, tokenize(tokenizer, captions), cfg)
     scaling_factor = vae.config.scaling_factor  # SD1.x: 0.18215, puts z0 at roughly unit variance
     if cfg.CACHE_LATENTS:
         dataset = cache_latents(dataset, vae, text_encoder, cfg, show_progress=accelerator.is_local_main_process)
         vae = None  # done with the frozen encoders: free their memory for the UNet
-        if not cfg.TRAIN_TEXT_ENCODER:
-            text_encoder = None
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-    workers = cfg.DATALOADER_NUM_WORKERS
-    if workers is None:
-        workers = 0 if cfg.CACHE_LATENTS else min(4, max(0, (os.cpu_count() or 1) - 1))
-    sampler = EpochShuffle(len(dataset), cfg.SEED, cfg.RANDOM_FLIP)
-    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=sampler,
-                                                   num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
+        text_encoder = text_encoder if cfg.TRAIN_TEXT_ENCODER else None
+        free_memory()
+        print0(peak_memory_text(accelerator, "caching latents"))
+    dataloader = make_dataloader(dataset, cfg, cuda)
 
-    # --- 5. optimizer, schedule, training loop ----------------------------------
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    optimizer = make_optimizer(lora_param_groups(cfg, unet, text_encoder if cfg.TRAIN_TEXT_ENCODER else None), cfg, cuda)
-    if cfg.COMPILE:
-        unet = torch.compile(unet)
-    trained = [unet, text_encoder] if cfg.TRAIN_TEXT_ENCODER else [unet]
-    *trained, optimizer, train_dataloader = accelerator.prepare(*trained, optimizer, train_dataloader)
-    unet, text_encoder = trained[0], trained[1] if cfg.TRAIN_TEXT_ENCODER else text_encoder
-    steps_per_epoch = math.ceil(len(train_dataloader) / cfg.GRADIENT_ACCUMULATION_STEPS)
-    max_train_steps = cfg.MAX_TRAIN_STEPS or cfg.NUM_EPOCHS * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # --- 6. train -------------------------------------------------------------------------
+    optimizer = make_optimizer([(unet, cfg.LEARNING_RATE)] + ([(text_encoder, cfg.TEXT_ENCODER_LEARNING_RATE or cfg.LEARNING_RATE)]
+                                                              if cfg.TRAIN_TEXT_ENCODER else []), cfg, cuda)
+    # `unet` and `text_encoder` stay the plain models (saved, validated); accelerate wraps what trains
+    train_models = [torch.compile(unet) if cfg.COMPILE else unet] + ([text_encoder] if cfg.TRAIN_TEXT_ENCODER else [])
+    *train_models, optimizer, dataloader = accelerator.prepare(*train_models, optimizer, dataloader)
+    steps_per_epoch = math.ceil(len(dataloader) / cfg.GRADIENT_ACCUMULATION_STEPS)
+    max_steps = cfg.MAX_TRAIN_STEPS or cfg.NUM_EPOCHS * steps_per_epoch
     lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer=optimizer, num_warmup_steps=cfg.LR_WARMUP_STEPS,
-                                 num_training_steps=max_train_steps)  # stepped once per optimizer step, below
+                                 num_training_steps=max_steps)  # stepped once per optimizer step
     effective_batch = cfg.BATCH_SIZE * cfg.GRADIENT_ACCUMULATION_STEPS * accelerator.num_processes
-    print0(f"{len(dataset)} images at {cfg.RESOLUTION}px (latents 4x{cfg.RESOLUTION // 8}x{cfg.RESOLUTION // 8}) | "
-           f"effective batch {effective_batch} = {cfg.BATCH_SIZE} x {cfg.GRADIENT_ACCUMULATION_STEPS} accumulation x {accelerator.num_processes} process(es) | "
-           f"{steps_per_epoch} steps/epoch, {max_train_steps} steps, {num_epochs} epochs | mixed precision: {mixed_precision} | "
-           f"{'cached latents' if cfg.CACHE_LATENTS else 'encoding every step'}")
-
-    global_step, resume_rng = 0, None
+    print0(f"{len(dataset)} images at {cfg.RESOLUTION}px (latents 4x{cfg.RESOLUTION // vae_scale}x{cfg.RESOLUTION // vae_scale}) | "
+           f"effective batch {effective_batch} = {cfg.BATCH_SIZE} x {cfg.GRADIENT_ACCUMULATION_STEPS} accumulation x "
+           f"{accelerator.num_processes} process(es) | {steps_per_epoch} steps/epoch, {max_steps} steps, "
+           f"{math.ceil(max_steps / steps_per_epoch)} epochs | {'cached latents' if cfg.CACHE_LATENTS else 'encoding every step'}")
+    start_step, resume_rng = 0, None
     if resume_path is not None:
-        global_step, resume_rng = restore_checkpoint(resume_path, cfg, unet, text_encoder, optimizer, lr_scheduler, accelerator)
-        print0(f"resumed from {resume_path} at step {global_step}")
-    first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
-    skip_batches *= cfg.GRADIENT_ACCUMULATION_STEPS  # micro-batches of the resumed epoch already trained on
-    metrics_path = os.path.join(cfg.OUTPUT_DIR, "metrics.jsonl")
-    if accelerator.is_main_process:
-        start_metrics(metrics_path, global_step)
-    if cfg.REPORT_TO:
-        accelerator.init_trackers("lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.as_dict().items()})
-
-    micro_losses, step_losses, step_lr_epoch, first_images, num_batches = [], [], [], [], 0
-    progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
-    stop = StopRequest()
-    for model in trained:
-        model.train()
+        start_step, resume_rng = restore_checkpoint(resume_path, cfg, unet, text_encoder, optimizer, lr_scheduler, accelerator)
+        print0(f"resumed from {resume_path} at step {start_step}")
+    # from here each process draws its own noise, timesteps and dropout: SEED + process index
+    set_seed(cfg.SEED, device_specific=True)
     t_start = time.time()
-    try:
-        for epoch in range(first_epoch, num_epochs):
-            if global_step >= max_train_steps:
-                break
-            sampler.set_epoch(epoch)
-            train_dataloader.set_epoch(epoch)  # accelerate's wrapper would otherwise count epochs from 0 after a resume
-            batches = iter(train_dataloader)
-            if resume_rng is not None:  # exact resume: skip what was trained on, then restore the RNGs
-                for _ in range(skip_batches):
-                    next(batches)
-                set_rng_states(resume_rng)
-                resume_rng = None
-            for batch in batches:
-                with accelerator.accumulate(*trained):
-                    # get batch -> noise -> predict -> loss (the math is in compute_loss, section 5)
-                    loss = compute_loss(batch, unet, noise_scheduler, scaling_factor, vae, text_encoder,
-                                        snr_gamma=cfg.SNR_GAMMA, noise_offset=cfg.NOISE_OFFSET)
-                    # backward (mixed precision: accelerate scales fp16 losses)
-                    accelerator.backward(loss)
-                    # clip: the list of LoRA tensors, not a generator that the first use exhausts
-                    if accelerator.sync_gradients and cfg.MAX_GRAD_NORM is not None:
-                        accelerator.clip_grad_norm_(lora_params, cfg.MAX_GRAD_NORM)
-                    # step (accelerate skips it until the last accumulation micro-batch)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro_losses.append(loss.detach())
-                num_batches += 1
-                if len(first_images) < 2:  # which images this process drew first (reported with several processes)
-                    first_images.append(batch["index"])
-                if not accelerator.sync_gradients:
-                    continue
-                step_losses.append(torch.stack(micro_losses).mean())
-                step_lr_epoch.append((lr_scheduler.get_last_lr()[0], epoch))
-                micro_losses = []
-                lr_scheduler.step()
-                global_step += 1
-                progress.update(1)
-                # log: one device->host read every LOG_EVERY steps, not one per step
-                if global_step % cfg.LOG_EVERY == 0 or global_step == max_train_steps:
-                    values = accelerator.reduce(torch.stack(step_losses), "mean").tolist()
-                    first = global_step - len(values) + 1
-                    records = [{"step": first + i, "loss": v, "lr": lr, "epoch": ep} for i, (v, (lr, ep)) in enumerate(zip(values, step_lr_epoch))]
-                    step_losses, step_lr_epoch = [], []
-                    if accelerator.is_main_process:
-                        append_metrics(metrics_path, records)
-                    if cfg.REPORT_TO:
-                        for r in records:
-                            accelerator.log({"loss": r["loss"], "lr": r["lr"]}, step=r["step"])
-                    progress.set_postfix(loss=f"{sum(values) / len(values):.4f}", lr=f"{records[-1]['lr']:.2e}")
-                    if not all(math.isfinite(v) for v in values):
-                        raise UserError(f"training diverged: the loss became {values[-1]} by step {global_step} — lower "
-                                        "LEARNING_RATE, use bf16 rather than fp16 (or --VAE_FP32=True), or MIXED_PRECISION=no; "
-                                        "no weights were written, earlier checkpoints are kept")
-                # validation pictures every VALIDATION_STEPS
-                if cfg.VALIDATION_STEPS and global_step % cfg.VALIDATION_STEPS == 0 and global_step < max_train_steps:
-                    if accelerator.is_main_process:
-                        path = log_validation(cfg, accelerator, unet, text_encoder, weight_dtype, global_step)
-                        progress.write(f"validation images: {path}")
-                    for model in trained:
-                        model.train()
-                # checkpoint: every CHECKPOINTING_STEPS, and when Ctrl-C / SIGTERM asked us to stop
-                stopping = stop.signum is not None
-                if accelerator.num_processes > 1:  # every process must agree, or one waits forever
-                    stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=device), "max").item())
-                periodic = cfg.CHECKPOINTING_STEPS and global_step % cfg.CHECKPOINTING_STEPS == 0
-                if (periodic or stopping) and global_step < max_train_steps:
-                    accelerator.wait_for_everyone()
-                    if accelerator.is_main_process:
-                        path = save_training_checkpoint(cfg, global_step, unet, text_encoder, optimizer, lr_scheduler, accelerator)
-                        progress.write(f"checkpoint: {path}")
-                    if stopping:
-                        progress.close()
-                        path = os.path.join(cfg.OUTPUT_DIR, f"checkpoint-{global_step}")
-                        print0(f"stopped at step {global_step}; resume with:\n  {resume_command(argv, path)}")
-                        sys.exit(130 if stop.signum == 2 else 143)
-                if global_step >= max_train_steps:
-                    break
-    finally:
-        stop.restore()
-        progress.close()  # before any error message, so it starts on a line of its own
-    print0(f"trained {global_step} steps in {time.time() - t_start:.1f}s")
-    if accelerator.num_processes > 1:  # data parallel: each process trained on its own share of every batch
-        shown = torch.cat(first_images).tolist()[:8] if first_images else []
-        print(f"process {accelerator.process_index}/{accelerator.num_processes}: {num_batches} batches, first images {shown}", flush=True)
+    steps = train(cfg, accelerator, unet, text_encoder, train_models, optimizer, lr_scheduler, dataloader, noise_scheduler,
+                  scaling_factor, max_steps, start_step, resume_rng, vae, argv)
 
-    # --- 6. save and check ------------------------------------------------------
+    # --- 7. save and check ------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    unet = unwrap(accelerator, unet)
-    text_encoder = unwrap(accelerator, text_encoder) if cfg.TRAIN_TEXT_ENCODER else None
-    weights_path = os.path.join(cfg.OUTPUT_DIR, WEIGHTS_NAME)
-    if accelerator.is_main_process:
-        n = save_lora(weights_path, unet, cfg, text_encoder)
-        kohya_path = save_webui_file(cfg, unet, text_encoder, global_step, len(dataset), t_start)
-        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "training_config.json"), cfg.to_json() + "\n")
-        print0(f"saved {n:,} LoRA parameters to {weights_path} ({os.path.getsize(weights_path) / 1e6:.2f} MB, {cfg.SAVE_DTYPE})"
-               + (f" and {kohya_path} (WebUI/ComfyUI keys)" if kohya_path else ""))
-        diff, effect, tolerance = check_saved_lora(unet, weights_path, cfg, accelerator.autocast)
-        print0(f"reload check: saved file vs trained model, max |Δoutput| = {diff:.2e} (LoRA's own effect {effect:.2e})")
-        if diff > tolerance:
-            raise RuntimeError(f"the saved LoRA does not reproduce the trained model (max difference {diff:.3g} > {tolerance:.3g})")
-        report_rank_spectrum(cfg, unet)
-        plot_loss_curve(metrics_path, os.path.join(cfg.OUTPUT_DIR, "loss_curve.png"))
+    if main_process:
+        save_and_check(cfg, accelerator, unet, text_encoder if cfg.TRAIN_TEXT_ENCODER else None, vae_scale, steps,
+                       len(dataset), t_start)
 
-    # --- 7. load base + LoRA as a user would, and generate ------------------------
+    # --- 8. load base + LoRA as a user would, and generate -----------------------------------
+    # drop the trained models first (accelerate holds references too): one UNet in memory, not two
+    del unet, vae, text_encoder, train_models, optimizer, dataloader, dataset, lora_params
+    accelerator.free_memory()
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        del unet, vae, text_encoder, optimizer, train_dataloader, dataset, trained
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-        pipe = load_pipeline_with_lora(cfg, cfg.OUTPUT_DIR, weight_dtype).to(device)
-        image_path = os.path.join(cfg.OUTPUT_DIR, "test_generation.png")
-        save_png(render(pipe, cfg, [cfg.VALIDATION_PROMPT], [cfg.SEED])[0], image_path)
-        print0(f"test image: {image_path} — reproduce it with plain diffusers:\n"
-               f"  pipe = StableDiffusionPipeline.from_pretrained({cfg.MODEL_ID!r}, safety_checker=None)\n"
-               f"  pipe.load_lora_weights({cfg.OUTPUT_DIR!r})\n"
-               f"  pipe({cfg.VALIDATION_PROMPT!r}, height={cfg.RESOLUTION}, width={cfg.RESOLUTION}, "
-               f"num_inference_steps={cfg.NUM_INFERENCE_STEPS}, guidance_scale={cfg.GUIDANCE_SCALE}, "
-               f"generator=torch.Generator().manual_seed({cfg.SEED})).images[0]")
-        save_comparison(pipe, cfg, os.path.join(cfg.OUTPUT_DIR, "comparison.png"))
-        if cfg.SAVE_MERGED_MODEL:
-            merged = os.path.join(cfg.OUTPUT_DIR, "merged_pipeline")
-            merge_and_save(pipe, merged)
-            print0(f"merged pipeline (LoRA fused into the weights): {merged}")
+    if main_process:
+        generate(cfg, accelerator, weight_dtype)
+        print0(f"whole run: {peak_memory_text(accelerator, 'rendering')}")
     accelerator.end_training()
 
 
 OOM_HELP = ("out of GPU memory — lower BATCH_SIZE (and raise GRADIENT_ACCUMULATION_STEPS to keep the effective batch), "
-            "set --GRADIENT_CHECKPOINTING=True, lower RESOLUTION, try --USE_8BIT_ADAM=True, or use "
-            "--MIXED_PRECISION=bf16/fp16; checkpoints already written are kept")
+            "set --GRADIENT_CHECKPOINTING=True, lower RESOLUTION, keep CACHE_LATENTS=True, or use --MIXED_PRECISION=bf16/fp16 "
+            "(8-bit Adam does not help: a LoRA's whole optimizer state is a few MB); checkpoints already written are kept")
 
 if __name__ == "__main__":
     if any(a in ("-h", "--help") for a in sys.argv[1:]):

@@ -9,12 +9,15 @@ its own):
   (b) this project's default path: lora_complete_example.py's functions with CACHE_LATENTS=True
       (encode once, then train on cached latents and embeddings);
   (c) the floor: the bare UNet LoRA forward + backward + AdamW step on ready tensors.
-For each: median seconds per optimizer step, images/s, peak memory (CUDA max allocated, or the
-process's peak RSS on a CPU), time to first step (model on device -> first step done, caching
-included), and the UNet's achieved TFLOP/s (FLOPs counted once with torch's FlopCounterMode).
+For each: median seconds per optimizer step, images/s, peak memory while training (on a GPU what
+tensors held, torch.cuda.max_memory_allocated, and what the caching allocator reserved,
+max_memory_reserved; on a CPU the process's peak RSS), the caching phase's peak on its own, time to
+first step (model on device -> first step done, caching included), and the UNet's achieved TFLOP/s
+(model FLOPs of one forward + backward, counted once with torch's FlopCounterMode and without
+gradient checkpointing, so the recomputation it adds is not counted as useful work).
 Prints a table with the ratios (a)/(b) and (b)/(c) and writes JSON.
 
-    python benchmarks/bench_train.py                                 # tiny + SD1.5 at 512 px, batch 1
+    python benchmarks/bench_train.py                                 # SD1.5 at 512 px, batch 1
     python benchmarks/bench_train.py --MODELS=sd15 --RESOLUTION=256  # SD1.5 architecture at 256 px
     python benchmarks/bench_train.py --MODELS=sd15 --MODES=b --BATCH_SIZES=1,4,8 --GRADIENT_CHECKPOINTING=False,True
 
@@ -37,7 +40,7 @@ sys.path.insert(0, ROOT)
 from lora_tools.config import UserError, parse_overrides  # noqa: E402
 
 # -----------------------------------------------------------------------------
-MODELS = ["tiny", "sd15"]  # tiny = the demo's model; sd15 = the SD1.5 architecture, random weights
+MODELS = ["sd15"]  # sd15 = the SD1.5 architecture, random weights
 MODES = ["a", "b", "c"]  # a = conventional, b = this script's default, c = bare UNet step
 RESOLUTION = 512  # pixels
 BATCH_SIZES = [1]  # images per step; each is measured
@@ -52,12 +55,16 @@ WORKER = ""  # internal: one measurement's spec, as JSON (the parent process set
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper() and k not in ("ROOT",)]
 
 
-def peak_memory_bytes(cuda):
+def peak_memory(cuda):
+    """(allocated, reserved) peak bytes since the last reset on a GPU; (peak RSS, None) on a CPU."""
     import torch
 
     if cuda:
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        torch.cuda.synchronize()
+        peaks = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+        return peaks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, None  # Linux reports KiB
 
 
 def build_models(model, device, weight_dtype):
@@ -65,47 +72,49 @@ def build_models(model, device, weight_dtype):
     import torch
     from diffusers import DDPMScheduler
 
-    from lora_tools.demo import _tiny_tokenizer, build_tiny_components
-    from lora_tools.sd15 import sd15_text_encoder, sd15_unet, sd15_vae
+    from lora_tools.sd15 import sd15_text_encoder, sd15_tokenizer, sd15_unet, sd15_vae
 
-    if model == "tiny":
-        parts = build_tiny_components()
-        text_encoder, vae, unet = parts["text_encoder"], parts["vae"], parts["unet"]
-    else:  # initialise directly on the device: random init of 1B parameters on a CPU is slow
-        with torch.random.fork_rng(devices=[]):
-            text_encoder, vae, unet = sd15_text_encoder(device), sd15_vae(device), sd15_unet(device)
+    if model != "sd15":
+        raise UserError(f"MODELS: unknown model {model!r} — the benchmark measures the SD1.5 architecture, 'sd15'")
+    with torch.random.fork_rng(devices=[]):  # initialise directly on the device: random init of 1B parameters on a CPU is slow
+        text_encoder, vae, unet = sd15_text_encoder(device), sd15_vae(device), sd15_unet(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     for m in (text_encoder, vae, unet):
         m.requires_grad_(False)
         m.to(device, dtype=weight_dtype)
-    # The tiny byte-level tokenizer serves both (ids < 514 are valid for SD's 49,408-entry vocabulary).
-    return _tiny_tokenizer(), text_encoder, vae, unet, scheduler
+    return sd15_tokenizer(), text_encoder, vae, unet, scheduler
 
 
 def make_images(folder, n, resolution):
-    from lora_tools.demo import COLOURS, SHAPES, make_shape_image
+    import random
 
-    names = list(COLOURS)
+    from lora_tools.shapes import caption, combinations, draw
+
+    combos, rng = combinations(), random.Random(0)
     paths, captions = [], []
     for i in range(n):
-        colour, background, shape = names[i % 4], names[(i + 1) % 4], SHAPES[i % 2]
         path = os.path.join(folder, f"{i:03d}.png")
-        make_shape_image(colour, shape, background, size=(resolution, resolution), jitter=i % 5).save(path)
+        draw(*combos[i % len(combos)], rng=rng, size=resolution).save(path)
         paths.append(path)
-        captions.append(f"a {colour} {shape} on a {background} background")
+        captions.append(caption(*combos[i % len(combos)]))
     return paths, captions
 
 
 def count_unet_flops(unet, sample, t, emb):
-    """FLOPs of one UNet forward + backward (matmuls, convolutions, attention)."""
-    import torch
+    """Model FLOPs of one UNet forward + backward (matmuls, convolutions, attention), counted with
+    gradient checkpointing off: its recomputed forward is extra work, not useful work."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    checkpointing = unet.is_gradient_checkpointing
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
     counter = FlopCounterMode(display=False)
     with counter:
         unet(sample, t, emb, return_dict=False)[0].float().square().mean().backward()
     for p in unet.parameters():
         p.grad = None
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     return counter.get_total_flops()
 
 
@@ -118,7 +127,9 @@ def measure(spec):
 
     cuda = torch.cuda.is_available()
     if not cuda:  # the script's host-memory policy on a CPU, for every mode alike
-        lce.keep_host_memory()
+        from lora_tools.machine import keep_host_memory
+
+        keep_host_memory()
     steps = spec["steps"] or (10 if cuda else 3)
     warmup = spec["warmup"] if spec["warmup"] is not None else (3 if cuda else 1)
     bs, res, mode = spec["batch_size"], spec["resolution"], spec["mode"]
@@ -133,7 +144,7 @@ def measure(spec):
                               f"--LORA_RANK={spec['lora_rank']}", f"--LORA_ALPHA={spec['lora_rank']}",
                               f"--CACHE_LATENTS={mode == 'b'}", f"--GRADIENT_CHECKPOINTING={spec['gradient_checkpointing']}",
                               "--RANDOM_FLIP=True", "--DATALOADER_NUM_WORKERS=0"], )
-    lora_params = lce.add_lora(unet, cfg)
+    lora_params = lce.add_lora(unet, cfg, cfg.TARGET_MODULES)
     if cfg.GRADIENT_CHECKPOINTING:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -146,7 +157,8 @@ def measure(spec):
         torch.cuda.reset_peak_memory_stats()
 
     t0 = time.perf_counter()
-    optimizer = lce.make_optimizer(lora_params, cfg, cuda)
+    optimizer = lce.make_optimizer([(unet, cfg.LEARNING_RATE)], cfg, cuda)
+    caching_peak = None
     if mode == "c":  # ready tensors: z_t, t, c and the target, made once
         h = res // 8
         ready = dict(z=torch.randn(bs, 4, h, h, device=device), t=torch.randint(0, 1000, (bs,), device=device),
@@ -161,6 +173,7 @@ def measure(spec):
             vae = text_encoder = None
             if cuda:
                 torch.cuda.empty_cache()
+            caching_peak = peak_memory(cuda)[0]  # and, on a GPU, the training peak starts from here
         loader = torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=lce.EpochShuffle(len(dataset), 0, True),
                                              pin_memory=cuda)
         unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
@@ -187,7 +200,7 @@ def measure(spec):
             first_step = now - t0
         if i >= warmup:
             times.append(now - t_step)
-    peak = peak_memory_bytes(cuda)
+    peak, reserved = peak_memory(cuda)
     h = res // 8  # FLOPs of the UNet's forward + backward at this shape, counted once (untimed)
     z, t = torch.randn(bs, 4, h, h, device=device), torch.randint(0, 1000, (bs,), device=device)
     c = torch.randn(bs, 77, accelerator.unwrap_model(unet, keep_torch_compile=False).config.cross_attention_dim, device=device, dtype=weight_dtype)
@@ -196,7 +209,8 @@ def measure(spec):
     sec = statistics.median(times)
     return dict(spec, device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 mixed_precision=mixed_precision, steps=steps, warmup=warmup, sec_per_step=sec,
-                images_per_sec=bs / sec, peak_memory_gb=peak / 1e9, time_to_first_step=first_step,
+                images_per_sec=bs / sec, peak_memory_gb=peak / 1e9, peak_reserved_gb=reserved and reserved / 1e9,
+                caching_peak_gb=caching_peak and caching_peak / 1e9, time_to_first_step=first_step,
                 step_times=times, unet_flops_per_step=flops, loss=float(loss))
 
 
@@ -225,16 +239,20 @@ def table(results):
     groups = {}
     for r in results:
         groups.setdefault((r["model"], r["batch_size"], r["gradient_checkpointing"]), {})[r["mode"]] = r
-    lines = [f"{'model':6} {'res':>4} {'bs':>3} {'ckpt':>5} {'mode':5} {'s/step':>9} {'img/s':>8} {'peak GB':>8} "
-             f"{'1st step s':>10} {'TFLOP/s':>8}"]
+    gpu = any(r["peak_reserved_gb"] for r in results)
+    peak_name = "alloc GB" if gpu else "RSS GB"  # GPU: max_memory_allocated; CPU: peak resident set
+    lines = [f"{'model':6} {'res':>4} {'bs':>3} {'ckpt':>5} {'mode':5} {'s/step':>9} {'img/s':>8} {peak_name:>8} "
+             + (f"{'resv GB':>8} " if gpu else "") + f"{'cache GB':>8} {'1st step s':>10} {'TFLOP/s':>8}"]
     for (model, bs, gc_on), modes in groups.items():
         for m in ("a", "b", "c"):
             if m not in modes:
                 continue
             r = modes[m]
             tflops = f"{r['unet_flops_per_step'] / r['sec_per_step'] / 1e12:8.2f}"
+            cache = f"{r['caching_peak_gb']:8.2f}" if r["caching_peak_gb"] else f"{'-':>8}"
             lines.append(f"{model:6} {r['resolution']:4d} {bs:3d} {str(gc_on):>5} {m:5} {r['sec_per_step']:9.4f} "
-                         f"{r['images_per_sec']:8.2f} {r['peak_memory_gb']:8.2f} {r['time_to_first_step']:10.2f} {tflops}")
+                         f"{r['images_per_sec']:8.2f} {r['peak_memory_gb']:8.2f} "
+                         + (f"{r['peak_reserved_gb']:8.2f} " if gpu else "") + f"{cache} {r['time_to_first_step']:10.2f} {tflops}")
         ratio = []
         if "a" in modes and "b" in modes:
             ratio.append(f"(a)/(b) = {modes['a']['sec_per_step'] / modes['b']['sec_per_step']:.2f}x faster per step; "

@@ -32,7 +32,7 @@ def main():
             cfg = lce.resolve_config([f"--LORA_RANK={rank}", f"--LORA_ALPHA={rank}", f"--SAVE_DTYPE={dtype}"])
             unet = sd15_unet("meta")
             unet.requires_grad_(False)
-            lce.add_lora(unet, cfg)
+            lce.add_lora(unet, cfg, cfg.TARGET_MODULES)
             peft_sd = {k: torch.zeros(v.shape) for k, v in get_peft_model_state_dict(unet).items()}
             dt = lce.SAVE_DTYPES[dtype]
             tensors = {f"unet.{k}": v.to(dt) for k, v in convert_state_dict_to_diffusers(dict(peft_sd)).items()}

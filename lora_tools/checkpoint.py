@@ -26,14 +26,15 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def rng_states():
-    """Every random number generator a training step draws from."""
+    """Every random number generator a training step of this process draws from (each process of a
+    multi-GPU run has its own: its CPU generator and its own GPU's)."""
     np_state = np.random.get_state()
     return {
         "python": list(random.getstate()[1]),
         "python_gauss": random.getstate()[2],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's GPU only
     }
 
 
@@ -42,8 +43,8 @@ def set_rng_states(s):
     n = s["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
 
 
 def list_checkpoints(folder):
@@ -72,15 +73,16 @@ def resolve_resume(resume_from, output_dir):
     return resume_from
 
 
-def save_checkpoint(output_dir, step, write_lora, optimizer, lr_scheduler, scaler, position, config_json, limit=None):
-    """Write checkpoint-<step>/ atomically, then keep only the newest `limit` checkpoints."""
+def save_checkpoint(output_dir, step, write_lora, optimizer, lr_scheduler, scaler, rngs, position, config_json, limit=None):
+    """Write checkpoint-<step>/ atomically, then keep only the newest `limit` checkpoints.
+    rngs: the RNG states of every process, in process order (see rng_states)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = tempfile.mkdtemp(dir=output_dir, prefix=f".checkpoint-{step}-")
     try:
         write_lora(os.path.join(tmp, "pytorch_lora_weights.safetensors"))
         state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
-                 "rng": rng_states(), "position": position}
+                 "rng": rngs, "position": position}
         torch.save(state, os.path.join(tmp, STATE_NAME))
         with open(os.path.join(tmp, "training_config.json"), "w") as f:
             f.write(config_json + "\n")

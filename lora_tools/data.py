@@ -7,7 +7,6 @@
 import csv
 import json
 import os
-import warnings
 
 from .config import UserError
 
@@ -73,8 +72,9 @@ def pick_column(columns, wanted, guesses, what, setting):
     raise UserError(f"could not tell which column holds the {what}; the columns are {sorted(columns)} — set --{setting}=<one of them>")
 
 
-def read_folder(folder, caption_column=None):
-    """[(image_path, caption)] for a local folder, sorted by path. Non-image files are ignored."""
+def read_folder(folder, caption_column=None, log=print):
+    """[(image_path, caption)] for a local folder, sorted by path. Non-image files are ignored;
+    images without a caption train with an empty one, said in one line."""
     if not os.path.isdir(folder):
         raise UserError(f"DATA_DIR={folder!r} is not a folder — point --DATA_DIR at a folder of images")
     meta_path, rows = _read_metadata(folder)
@@ -86,7 +86,7 @@ def read_folder(folder, caption_column=None):
         cap_col = pick_column(columns - {"file_name"}, caption_column, CAPTION_COLUMN_GUESSES, "captions", "CAPTION_COLUMN")
         for r in rows:
             captions[os.path.normpath(os.path.join(folder, r["file_name"]))] = str(r.get(cap_col) or "")
-    records = []
+    records, uncaptioned = [], []
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.normpath(os.path.join(root, name))
@@ -101,10 +101,13 @@ def read_folder(folder, caption_column=None):
                     with open(txt, encoding="utf-8") as f:
                         caption = f.read().strip()
             if not caption:
-                warnings.warn(f"no caption for {path}: training it with an empty caption", stacklevel=2)
+                uncaptioned.append(os.path.relpath(path, folder))
                 caption = ""
             records.append((path, caption))
     records.sort()
+    if uncaptioned:
+        names = ", ".join(sorted(uncaptioned)[:3]) + (f" and {len(uncaptioned) - 3} more" if len(uncaptioned) > 3 else "")
+        log(f"note: {len(uncaptioned)} image(s) in {folder} have no caption and train with an empty one: {names}")
     if not records:
         raise UserError(f"DATA_DIR={folder!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) — check the path")
     return records

@@ -57,7 +57,7 @@ SD15_TEXT_ENCODER_CONFIG = dict(  # CLIP ViT-L/14 text tower
     pad_token_id=1,
 )
 
-# Published parameter counts of the three SD1.5 models (checked by tests/test_counts.py).
+# The published parameter count of the SD1.5 UNet (checked by tests/test_lora_model.py).
 SD15_UNET_PARAMS = 859_520_964
 
 
@@ -85,3 +85,12 @@ def sd15_text_encoder(device=None):
 
     with _device_ctx(device):
         return CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG))
+
+
+def sd15_tokenizer():
+    """A stand-in for SD1.5's CLIP tokenizer (the real one is a download): the demo base model's
+    small CLIP BPE tokenizer. Its ids are valid for SD's 49,408-entry vocabulary and it pads to the
+    same 77 positions, which is all a speed measurement needs."""
+    from lora_tools.demo_base import build_tokenizer
+
+    return build_tokenizer()

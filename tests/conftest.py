@@ -1,23 +1,27 @@
-"""Shared fixtures: a tiny SD-shaped pipeline and dataset built once per session, helpers to load
-them through the script's own functions, and one real in-process training run (lce.main) with
-spies on its models and its gradient clipping, reused by several test files."""
+"""What the test files share: the tiny SD-shaped model and data (built once per session by
+lora_tools.demo), the arguments of a tiny run, the script run in this process (lce.main) or as a
+user runs it (a subprocess, or two processes under `accelerate launch`), two small trained LoRAs,
+and the tools for comparing what the runs wrote (maxdiff, safetensors files, PNGs, model outputs).
+"""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One intra-op thread (here and in the scripts run as subprocesses, which inherit it): the tiny
-# models gain nothing from more, and OpenMP threads competing for 2 busy cores can make each op
-# hundreds of times slower.
+# One intra-op thread (here and in the subprocesses, which inherit it): the tiny models gain nothing
+# from more, and OpenMP threads competing for 2 busy cores can make each op hundreds of times slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import inspect  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 import warnings  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -31,28 +35,180 @@ import lora_complete_example as lce  # noqa: E402
 from lora_tools.demo import build_tiny_dataset, build_tiny_pipeline  # noqa: E402
 
 SCRIPT = os.path.join(REPO_ROOT, "lora_complete_example.py")
+SCRIPT_NAME = os.path.basename(SCRIPT)  # run as `python lora_complete_example.py` in the repository root
+WEBUI_NAME = "my_lora.safetensors"  # OUTPUT_NAME's default + .safetensors
+TINY_RUN = dict(RESOLUTION=64, MIXED_PRECISION="no", BATCH_SIZE=4, GRADIENT_ACCUMULATION_STEPS=1, LEARNING_RATE=1e-3,
+                LOG_EVERY=5, NUM_INFERENCE_STEPS=2, NUM_VALIDATION_SEEDS=1)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- running the script
+def reset_accelerate():
+    """Accelerator() keeps process-wide state; each run or test may create its own (fp32 or bf16)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run_main(argv):
+    """lce.main(argv) in this process: (argv, out = OUTPUT_DIR, log = what it printed, cfg, t0, t1)."""
+    buf, t0 = io.StringIO(), time.time()
+    try:
+        with contextlib.redirect_stdout(buf):
+            lce.main(argv)
+    except Exception as e:
+        raise AssertionError(f"lce.main failed: {e!r}\n{buf.getvalue()[-3000:]}") from e
+    finally:
+        reset_accelerate()
+    t1 = time.time()
+    with contextlib.redirect_stdout(io.StringIO()):  # its override lines are in the log already
+        cfg = lce.resolve_config(argv)
+    return SimpleNamespace(argv=argv, out=cfg.OUTPUT_DIR, log=buf.getvalue(), cfg=cfg, t0=t0, t1=t1)
+
+
 def subprocess_env():
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     return env
 
 
-def loss_of(batch, unet, noise_scheduler, vae=None, text_encoder=None, scaling_factor=None):
-    """Call lce.compute_loss by parameter name, whatever order its signature uses."""
-    if scaling_factor is None:
-        scaling_factor = vae.config.scaling_factor
-    available = dict(batch=batch, unet=unet, noise_scheduler=noise_scheduler, scaling_factor=scaling_factor,
-                     vae=vae, text_encoder=text_encoder)
-    params = inspect.signature(lce.compute_loss).parameters
-    unknown = [n for n, p in params.items() if n not in available and p.default is inspect.Parameter.empty]
-    assert not unknown, f"compute_loss has required parameters the tests do not know: {unknown}"
-    return lce.compute_loss(**{n: available[n] for n in params if n in available})
+def start_script(*args, program=SCRIPT_NAME, launch=False, **popen):
+    """Start `python lora_complete_example.py ARGS` in the repository root (program: another file run
+    the same way). launch=True: under `accelerate launch` with two CPU processes instead — `--multi_gpu`
+    on a machine without CUDA starts them with torchrun and the script's Accelerator(cpu=True) joins
+    them with gloo (`--cpu --num_processes 2` would start ONE process: accelerate spreads CPU jobs
+    only through mpirun)."""
+    head = [sys.executable]
+    if launch:
+        head += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no"]
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen([*head, program, *args], cwd=REPO_ROOT, env=subprocess_env(), text=True, **popen)
+
+
+def finish(proc, timeout=600, check=True):
+    """Wait for a start_script process: CompletedProcess(args, returncode, stdout, stderr)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{proc.args} ran over {timeout}s:\n{out[-2000:]}\n{without_progress_bars(err)[-3000:]}")
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check and r.returncode != 0:
+        pytest.fail(f"{' '.join(proc.args)} -> exit {r.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{without_progress_bars(err)[-5000:]}")
+    return r
+
+
+def run_script(*args, check=True, timeout=600, **kw):
+    return finish(start_script(*args, **kw), timeout, check)
+
+
+def without_progress_bars(text):
+    return "\n".join(line for line in text.replace("\r", "\n").splitlines() if not re.search(r"\d(it/s|s/it)\]", line))
+
+
+def python_driver(path, setup):
+    """A file that runs `setup` (Python lines), then the script with its own command line, as
+    `python lora_complete_example.py ...` would: for patching a library before the script starts."""
+    code = f"import runpy, sys\n{setup}\nsys.argv[0], sys.path[0] = {SCRIPT!r}, {REPO_ROOT!r}\nrunpy.run_path({SCRIPT!r}, run_name='__main__')\n"
+    with open(path, "w") as f:
+        f.write(code)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- comparing results
+def maxdiff(a, b):
+    return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
+
+
+def tol(ref, rel=1e-5):
+    return rel * max(1.0, ref.abs().max().item())
+
+
+def assert_close(actual, expected, rel=1e-5, what=""):
+    d, t = maxdiff(actual, expected), tol(expected, rel)
+    assert d <= t, f"{what}: max |diff| {d:.3g} > {t:.3g}"
+
+
+def read_safetensors(path):
+    """(tensors, metadata) of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def lora_weights(folder, name=lce.WEIGHTS_NAME):
+    return read_safetensors(os.path.join(folder, name))[0]
+
+
+def png(path_or_image):
+    """A PNG file (or a PIL image) as an int16 array, for pixel differences."""
+    from PIL import Image
+
+    img = Image.open(path_or_image) if isinstance(path_or_image, str) else path_or_image
+    return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def pixel_diff(a, b):
+    a, b = png(a), png(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a - b).max())
+
+
+def fixed_inputs(seed=2024, batch=2, size=8, cross_dim=32, vocab=514):
+    """(z, t, c) for the tiny UNet and token ids for the tiny text encoder, independent of the script."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, 4, size, size, generator=g)
+    c = torch.randn(batch, 77, cross_dim, generator=g)
+    t = torch.tensor([37, 613][:batch] + [500] * max(0, batch - 2))
+    return z, t, c, torch.randint(2, vocab, (batch, 77), generator=g)
+
+
+@torch.no_grad()
+def outputs(unet, text_encoder=None, inputs=None):
+    """UNet output and text-encoder last_hidden_state on fixed inputs, in eval mode (modes restored)."""
+    z, t, c, ids = inputs or fixed_inputs()
+    modes = [(m, m.training) for m in (unet, text_encoder) if m is not None]
+    for m, _ in modes:
+        m.eval()
+    try:
+        y = unet(z, t, c, return_dict=False)[0].float()
+        h = text_encoder(ids).last_hidden_state.float() if text_encoder is not None else None
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    return y, h
+
+
+def fresh_pipe(model_dir, lora_dir=None, **load_kwargs):
+    """Plain diffusers: the base pipeline from disk, with a LoRA folder loaded if given."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir, **load_kwargs)
+    return pipe
+
+
+def pipe_outputs(pipe, inputs=None):
+    return outputs(pipe.unet, pipe.text_encoder, inputs)
+
+
+def render(pipe, cfg, prompt=None, seed=None):
+    """The script's test image, as its printed recipe renders it with plain diffusers."""
+    return pipe(prompt or cfg.VALIDATION_PROMPTS[0], height=cfg.RESOLUTION, width=cfg.RESOLUTION,
+                num_inference_steps=cfg.NUM_INFERENCE_STEPS, guidance_scale=cfg.GUIDANCE_SCALE,
+                generator=torch.Generator().manual_seed(cfg.SEED if seed is None else seed)).images[0]
+
+
+def lora_layer_names(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
 def total_grad_norm(params):
@@ -60,16 +216,11 @@ def total_grad_norm(params):
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
 
 
-def fixed_unet_inputs(unet, seed=2024, batch=2, size=8):
-    """A fixed UNet input, independent of the script's own helper."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(batch, unet.config.in_channels, size, size, generator=g)
-    c = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
-    t = torch.tensor([37, 613][:batch] + [500] * max(0, batch - 2))
-    return z, t, c
+def collate(items):
+    return torch.utils.data.default_collate(list(items))
 
 
-@contextmanager
+@contextlib.contextmanager
 def capture_library_messages():
     """Collect log records of diffusers / peft / transformers (diffusers' root logger does not
     propagate, so caplog would miss them) and Python warnings, as one list of strings."""
@@ -100,20 +251,12 @@ def key_complaints(messages):
     return [m for m in messages if pattern.search(m)]
 
 
-def collate(items):
-    return torch.utils.data.default_collate(list(items))
-
-
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(autouse=True)
 def _reset_accelerate_state():
-    """Accelerator() keeps process-wide state; each test may create its own (fp32 or bf16)."""
     yield
     if "accelerate" in sys.modules:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
 
 
 @pytest.fixture(scope="session")
@@ -127,15 +270,22 @@ def tiny_data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def make_cfg(tiny_model_dir, tiny_data_dir):
-    """make_cfg("--LORA_RANK=8", ...) -> a resolved Config on the tiny model and data."""
+def tiny_args(tiny_model_dir, tiny_data_dir):
+    """tiny_args("--LORA_RANK=8", ...) -> the --NAME=value arguments of a tiny CPU run (TINY_RUN on the
+    tiny model and data); the ones given replace or add to those."""
 
     def make(*extra):
-        base = [f"--MODEL_ID={tiny_model_dir}", f"--DATA_DIR={tiny_data_dir}", "--RESOLUTION=64",
-                "--MIXED_PRECISION=no", "--BATCH_SIZE=4", "--GRADIENT_ACCUMULATION_STEPS=1"]
-        return lce.resolve_config(base + list(extra))
+        args = {k: f"--{k}={v}" for k, v in dict(MODEL_ID=tiny_model_dir, DATA_DIR=tiny_data_dir, **TINY_RUN).items()}
+        args.update({a[2:].split("=", 1)[0]: a for a in extra})
+        return list(args.values())
 
     return make
+
+
+@pytest.fixture(scope="session")
+def make_cfg(tiny_args):
+    """make_cfg("--LORA_RANK=8", ...) -> a resolved Config on the tiny model and data."""
+    return lambda *extra: lce.resolve_config(tiny_args(*extra))
 
 
 @pytest.fixture
@@ -150,82 +300,46 @@ def load_tiny():
     return load
 
 
-def pixel_batch(cfg, tokenizer, indices=None, flip=False):
-    """Pixels + token ids of the given images (all by default), through the script's dataset."""
-    images, captions = lce.load_captioned_images(cfg)
-    ds = lce.CaptionedImages(images, lce.tokenize(tokenizer, captions), cfg)
-    indices = range(len(ds)) if indices is None else indices
-    return collate(ds[(i, flip)] for i in indices)
+@pytest.fixture(scope="session")
+def two_loras(tmp_path_factory, tiny_args):
+    """Two tiny LoRAs trained by the script: 'my_lora_model' (r=4, α=8, LOG_EVERY=1) and
+    'my_second_lora_model' (r=8, α=4, another seed); the documents' examples load them by these names."""
+    root = tmp_path_factory.mktemp("two_loras")
+    runs = {}
+    for name, extra in (("my_lora_model", ["--LORA_RANK=4", "--LORA_ALPHA=8", "--LOG_EVERY=1"]),
+                        ("my_second_lora_model", ["--LORA_RANK=8", "--LORA_ALPHA=4", "--SEED=7"])):
+        runs[name] = run_main(tiny_args(f"--OUTPUT_DIR={root / name}", "--MAX_TRAIN_STEPS=4",
+                                        "--VALIDATION_PROMPTS=a red circle", *extra))
+    return runs
 
 
-# The in-process training run shared by test_training_run.py: alpha != rank, gradient
-# accumulation, a small MAX_GRAD_NORM so that clipping really acts, a high learning rate.
-TRAIN_RUN = dict(LORA_RANK=4, LORA_ALPHA=8, MAX_GRAD_NORM=0.01, LEARNING_RATE=1e-2, MAX_TRAIN_STEPS=40,
-                 BATCH_SIZE=2, GRADIENT_ACCUMULATION_STEPS=2, LOSS_SEED=1234)
+# The feature run: the text encoder trained too, LoRA+ with its own text-encoder rate, a cosine
+# schedule with warm-up, a validation grid and a checkpoint at step 5, and the merged pipeline.
+FEATURE_RUN = dict(STEPS=10, WARMUP=2, LR=1e-3, TE_LR=3e-4, RATIO=16.0, RANK=4, ALPHA=8)
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
-    """Run lce.main in this process on the tiny model, recording (through spies on load_models,
-    add_lora and Accelerator.clip_grad_norm_) the models it trains, the pretrained weights as
-    loaded, the fixed-batch loss before training and every clipping call."""
-    from accelerate import Accelerator
+def feature_run(tmp_path_factory, tiny_args):
+    r = FEATURE_RUN
+    return run_main(tiny_args(f"--OUTPUT_DIR={tmp_path_factory.mktemp('feature_run') / 'out'}", "--TRAIN_TEXT_ENCODER=True",
+                              f"--MAX_TRAIN_STEPS={r['STEPS']}", "--CHECKPOINTING_STEPS=5", "--LR_SCHEDULER=cosine",
+                              f"--LR_WARMUP_STEPS={r['WARMUP']}", f"--LORAPLUS_LR_RATIO={r['RATIO']}", f"--LEARNING_RATE={r['LR']}",
+                              f"--TEXT_ENCODER_LEARNING_RATE={r['TE_LR']}", f"--LORA_RANK={r['RANK']}", f"--LORA_ALPHA={r['ALPHA']}",
+                              "--VALIDATION_STEPS=5", "--NUM_VALIDATION_SEEDS=2", "--SAVE_MERGED_MODEL=True", "--LOG_EVERY=1"))
 
-    out = str(tmp_path_factory.mktemp("trained") / "out")
-    argv = [f"--MODEL_ID={tiny_model_dir}", f"--DATA_DIR={tiny_data_dir}", f"--OUTPUT_DIR={out}",
-            "--RESOLUTION=64", "--MIXED_PRECISION=no", "--RANDOM_FLIP=True", "--CACHE_LATENTS=True",
-            f"--LORA_RANK={TRAIN_RUN['LORA_RANK']}", f"--LORA_ALPHA={TRAIN_RUN['LORA_ALPHA']}",
-            f"--MAX_GRAD_NORM={TRAIN_RUN['MAX_GRAD_NORM']}", f"--LEARNING_RATE={TRAIN_RUN['LEARNING_RATE']}",
-            f"--MAX_TRAIN_STEPS={TRAIN_RUN['MAX_TRAIN_STEPS']}", f"--BATCH_SIZE={TRAIN_RUN['BATCH_SIZE']}",
-            f"--GRADIENT_ACCUMULATION_STEPS={TRAIN_RUN['GRADIENT_ACCUMULATION_STEPS']}",
-            "--LOG_EVERY=10", "--NUM_INFERENCE_STEPS=2", "--VALIDATION_PROMPT=a red circle"]
-    rec = SimpleNamespace(argv=argv, output_dir=out, clip_calls=[], add_lora_calls=0)
-    real_load, real_add, real_clip = lce.load_models, lce.add_lora, Accelerator.clip_grad_norm_
 
-    def load_spy(cfg, weight_dtype, vae_dtype):
-        models = real_load(cfg, weight_dtype, vae_dtype)
-        rec.tokenizer, rec.text_encoder, rec.vae, rec.unet, rec.scheduler = models
-        # the pretrained weights exactly as loaded, before freeze / LoRA / training
-        rec.pretrained = {f"{part}.{n}": p.detach().clone()
-                          for part, m in (("unet", models[3]), ("vae", models[2]), ("text_encoder", models[1]))
-                          for n, p in m.named_parameters()}
-        return models
+def reference_unet(model_dir, folder, cfg):
+    """The UNet a run's LoRA file describes, built without diffusers' LoRA loader: the base model,
+    PEFT adapters made from the run's settings, the file's tensors put in."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
 
-    def add_spy(unet, cfg):
-        params = real_add(unet, cfg)
-        rec.add_lora_calls += 1
-        rec.cfg = cfg
-        rec.lora_params = list(params)
-        rec.lora_initial = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
-        rec.fixed_batch = pixel_batch(cfg, rec.tokenizer)  # all 8 images, unflipped
-        with torch.no_grad(), torch.random.fork_rng():
-            torch.manual_seed(TRAIN_RUN["LOSS_SEED"])
-            rec.loss_before = loss_of(rec.fixed_batch, unet, rec.scheduler, rec.vae, rec.text_encoder).item()
-        return params
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    lce.freeze(unet)
+    lce.add_lora(unet, cfg, cfg.TARGET_MODULES)
+    sd = convert_unet_state_dict_to_peft({k[5:]: v for k, v in lora_weights(folder).items() if k.startswith("unet.")})
+    result = set_peft_model_state_dict(unet, sd, adapter_name="default")
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora" in k], result
+    return unet.eval()
 
-    def clip_spy(self, parameters, max_norm, norm_type=2):
-        params = list(parameters)
-        pre = total_grad_norm(params) if params else 0.0
-        result = real_clip(self, params, max_norm, norm_type)
-        rec.clip_calls.append(dict(param_ids=[id(p) for p in params], given_type=type(parameters),
-                                   max_norm=max_norm, pre=pre, post=total_grad_norm(params) if params else 0.0,
-                                   returned=float(result), sync=self.sync_gradients))
-        return result
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lce, "load_models", load_spy)
-        mp.setattr(lce, "add_lora", add_spy)
-        mp.setattr(Accelerator, "clip_grad_norm_", clip_spy)
-        try:
-            lce.main(argv)
-            rec.main_error = None
-        except Exception as e:  # recorded, asserted by test_main_completes_with_alpha_not_rank
-            rec.main_error = e
-        finally:
-            from accelerate.state import AcceleratorState, GradientState
-
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-    assert hasattr(rec, "unet") and hasattr(rec, "lora_params"), f"main failed before training: {rec.main_error!r}"
-    rec.unet.eval()
-    return rec

@@ -1,19 +1,250 @@
-"""Acceptance points 11 and 12: the latent cache gives the loss of the uncached path, its mirrored
-orientation is the encoding of the mirrored image, and EpochShuffle's order is a pure function of
-(seed, epoch)."""
+"""Data: real-world image files turned into the RGB picture a person sees, folders read with their
+captions (notices printed, unreadable files skipped), the latent cache giving the loss of the
+uncached path, and the data order: EpochShuffle, a pure function of (seed, epoch), split between
+processes by accelerate."""
+import io
+import os
+import re
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import lora_complete_example as lce
-from conftest import collate, loss_of
+from conftest import capture_library_messages, collate
+from lora_tools.config import UserError
+from lora_tools.data import open_image, read_folder, to_rgb
+from lora_tools.demo import _tiny_tokenizer
 
 
+def folder_cfg(folder, *extra):
+    return lce.resolve_config([f"--DATA_DIR={folder}", "--RESOLUTION=64", "--MIXED_PRECISION=no", *extra])
+
+
+# ----------------------------------------------------------------------------- image files
+def rgb(img, xy):
+    return to_rgb(img).getpixel(xy)
+
+
+def close(a, b, tol=0):
+    return all(abs(int(x) - int(y)) <= tol for x, y in zip(a, b))
+
+
+def test_grayscale_becomes_rgb(tmp_path):
+    img = Image.new("L", (2, 1), 128)
+    img.putpixel((1, 0), 255)
+    assert to_rgb(img).mode == "RGB" and rgb(img, (0, 0)) == (128, 128, 128) and rgb(img, (1, 0)) == (255,) * 3
+    img.save(tmp_path / "g.png")
+    assert open_image(str(tmp_path / "g.png")).getpixel((0, 0)) == (128, 128, 128)
+
+
+@pytest.mark.parametrize("transparency", [None, 0, bytes([0, 255])])
+def test_palette_image_with_and_without_transparency(tmp_path, transparency):
+    img = Image.new("P", (2, 1))
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, index 1 blue
+    img.putpixel((0, 0), 0)
+    img.putpixel((1, 0), 1)
+    path = str(tmp_path / "p.png")
+    img.save(path, **({} if transparency is None else {"transparency": transparency}))
+    loaded = open_image(path)
+    assert loaded.mode == "RGB"
+    # a transparent palette entry is shown on white, not as its hidden colour
+    assert loaded.getpixel((0, 0)) == ((255, 0, 0) if transparency is None else (255, 255, 255))
+    assert loaded.getpixel((1, 0)) == (0, 0, 255)
+    with Image.open(path) as reopened:
+        assert reopened.mode == "P"
+        assert to_rgb(reopened).getpixel((0, 0)) == loaded.getpixel((0, 0))
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    img = Image.new("RGBA", (3, 1))
+    img.putpixel((0, 0), (255, 0, 0, 0))  # fully transparent red: invisible, must not come back red
+    img.putpixel((1, 0), (255, 0, 0, 255))
+    img.putpixel((2, 0), (0, 0, 255, 128))
+    out = to_rgb(img)
+    assert out.mode == "RGB"
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    assert out.getpixel((1, 0)) == (255, 0, 0)
+    assert close(out.getpixel((2, 0)), (127, 127, 255), tol=1)
+    img.save(tmp_path / "a.png")
+    assert open_image(str(tmp_path / "a.png")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_gray_with_alpha_is_composited_on_white(tmp_path):
+    img = Image.new("LA", (2, 1))
+    img.putpixel((0, 0), (0, 0))  # black but fully transparent
+    img.putpixel((1, 0), (0, 255))
+    img.save(tmp_path / "la.png")
+    for out in (to_rgb(img), open_image(str(tmp_path / "la.png"))):
+        assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (0, 0, 0)
+
+
+def test_cmyk_becomes_rgb(tmp_path):
+    img = Image.new("CMYK", (3, 1))
+    img.putpixel((0, 0), (0, 255, 255, 0))  # red
+    img.putpixel((1, 0), (0, 0, 0, 0))  # white
+    img.putpixel((2, 0), (0, 0, 0, 255))  # black
+    out = to_rgb(img)
+    assert out.mode == "RGB"
+    assert [out.getpixel((x, 0)) for x in range(3)] == [(255, 0, 0), (255, 255, 255), (0, 0, 0)]
+    big = img.resize((32, 8), Image.NEAREST)
+    big.save(tmp_path / "c.jpg", quality=95)
+    loaded = open_image(str(tmp_path / "c.jpg"))
+    assert loaded.mode == "RGB" and close(loaded.getpixel((4, 4)), (255, 0, 0), tol=40)
+
+
+def test_16_bit_grayscale_is_rescaled_not_clipped(tmp_path):
+    a = np.array([[0, 32768, 65535, 1000]], dtype=np.uint16)
+    img = Image.fromarray(a)
+    assert img.mode == "I;16"
+    img.save(tmp_path / "deep.png")
+    for out in (to_rgb(img), open_image(str(tmp_path / "deep.png"))):
+        px = [out.getpixel((x, 0)) for x in range(4)]
+        assert out.mode == "RGB"
+        assert px[0] == (0, 0, 0) and px[2] == (255, 255, 255)
+        assert all(abs(c - 128) <= 1 for c in px[1])
+        assert all(abs(c - 4) <= 1 for c in px[3])  # 1000/65535 of full scale: nearly black
+
+
+def test_dark_16_bit_image_stays_dark():
+    """An 'I;16' image is 16-bit by definition: a value of 200 is 0.3% of white whatever the
+    brightest pixel is. Guessing the range from the maximum shows a nearly black photo as light grey."""
+    img = Image.fromarray(np.full((2, 2), 200, dtype=np.uint16))
+    assert img.mode == "I;16"
+    assert all(c <= 2 for c in to_rgb(img).getpixel((0, 0))), to_rgb(img).getpixel((0, 0))
+
+
+def quadrant_image():
+    """40x20 as stored: top-left red, top-right blue, bottom-left green, bottom-right yellow."""
+    img = Image.new("RGB", (40, 20))
+    for box, colour in (((0, 0, 20, 10), (255, 0, 0)), ((20, 0, 40, 10), (0, 0, 255)),
+                        ((0, 10, 20, 20), (0, 255, 0)), ((20, 10, 40, 20), (255, 255, 0))):
+        img.paste(colour, box)
+    return img
+
+
+def test_exif_rotated_jpeg_is_shown_upright(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: the camera was turned; display rotated 90° clockwise
+    path = str(tmp_path / "phone.jpg")
+    quadrant_image().save(path, exif=exif.tobytes(), quality=95)
+    with Image.open(path) as raw:
+        assert raw.size == (40, 20)
+    out = open_image(path)
+    assert out.size == (20, 40)
+    # rotating 90° clockwise: the stored left column becomes the top row, the stored top row the right column
+    expected = {(15, 5): (255, 0, 0),  # top-right: stored top-left
+                (5, 5): (0, 255, 0),  # top-left: stored bottom-left
+                (15, 35): (0, 0, 255),  # bottom-right: stored top-right
+                (5, 35): (255, 255, 0)}  # bottom-left: stored bottom-right
+    for xy, colour in expected.items():
+        assert close(out.getpixel(xy), colour, tol=40), (xy, out.getpixel(xy), colour)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (1024, 700), (20, 40)])
+def test_tiny_and_huge_images_give_resolution_sized_tensors(tmp_path, size):
+    path = str(tmp_path / f"img_{size[0]}x{size[1]}.png")
+    img = Image.new("RGB", size, (200, 30, 30))
+    img.paste((30, 30, 200), (0, 0, size[0] // 2, size[1]))
+    img.save(path)
+    cfg = folder_cfg(str(tmp_path))
+    ds = lce.CaptionedImages([path], torch.zeros(1, 77, dtype=torch.long), cfg)
+    for flip in (False, True):
+        px = ds[(0, flip)]["pixel_values"]
+        assert px.shape == (3, cfg.RESOLUTION, cfg.RESOLUTION) and px.dtype == torch.float32
+        assert torch.isfinite(px).all() and px.min() >= -1 and px.max() <= 1
+
+
+
+def write_valid_image(path, fmt, size=(96, 80)):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+def write_truncated(path, fmt):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(buf, format=fmt)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+# ----------------------------------------------------------------------------- folders and captions
+def test_broken_files_are_skipped_and_named_in_one_printed_line(tmp_path, capsys):
+    d = tmp_path / "photos"
+    d.mkdir()
+    write_valid_image(d / "good1.png", "PNG")
+    write_valid_image(d / "good2.jpg", "JPEG")
+    write_truncated(d / "cut.png", "PNG")
+    write_truncated(d / "cut.jpg", "JPEG")
+    (d / "fake.jpg").write_text("this is a text file with an image extension")
+    (d / "notes.md").write_text("# shooting notes\n")
+    for stem in ("good1", "good2", "cut", "fake"):
+        (d / f"{stem}.txt").write_text(f"a photo called {stem}")
+    images, captions = lce.load_captioned_images(folder_cfg(str(d)), show_progress=False)
+    assert [os.path.basename(p) for p in images] == ["good1.png", "good2.jpg"]
+    assert captions == ["a photo called good1", "a photo called good2"]
+    printed = capsys.readouterr().out.splitlines()
+    (line,) = [line for line in printed if "unreadable" in line]
+    assert re.search(r"skipped 3 unreadable image\(s\) of 5: .*; training on 2$", line), line
+    assert all(line.count(bad) == 1 for bad in ("cut.png", "cut.jpg", "fake.jpg")) and "notes.md" not in line
+
+
+def test_only_unreadable_images_is_a_user_error(tmp_path):
+    d = tmp_path / "broken"
+    d.mkdir()
+    write_truncated(d / "cut.jpg", "JPEG")
+    (d / "fake.png").write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match=r"none of the 2 images") as e:
+        lce.load_captioned_images(folder_cfg(str(d)), show_progress=False)
+    assert str(d) in str(e.value)
+
+
+def test_images_without_caption_train_with_an_empty_one_said_in_one_line(tmp_path, capsys):
+    d = tmp_path / "photos"
+    d.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        write_valid_image(d / name, "PNG")
+    (d / "a.txt").write_text("a dog on a beach\n")
+    (d / "notes.md").write_text("ignore me")
+    images, captions = lce.load_captioned_images(folder_cfg(str(d)), show_progress=False)
+    assert [os.path.basename(p) for p in images] == ["a.png", "b.png", "c.png"] and captions == ["a dog on a beach", "", ""]
+    notes = [line for line in capsys.readouterr().out.splitlines() if "no caption" in line]
+    assert notes == [f"note: 2 image(s) in {d} have no caption and train with an empty one: b.png, c.png"]
+    item = lce.CaptionedImages(images, lce.tokenize(_tiny_tokenizer(), captions), folder_cfg(str(d)))[1]
+    assert item["pixel_values"].shape == (3, 64, 64) and item["input_ids"].shape == (77,)
+
+
+def test_read_folder_ignores_non_image_files(tmp_path):
+    write_valid_image(tmp_path / "x.png", "PNG")
+    (tmp_path / "x.txt").write_text("caption x")
+    for name in ("notes.md", "data.json", "Thumbs.db", ".DS_Store"):
+        (tmp_path / name).write_text("junk")
+    assert read_folder(str(tmp_path)) == [(os.path.normpath(str(tmp_path / "x.png")), "caption x")]
+
+
+def test_long_captions_are_cut_with_one_message_of_ours_and_none_from_the_library(capsys):
+    """transformers would log 'Token indices sequence length is longer than the specified maximum
+    ... indexing errors' while the lengths are measured: wrong here (tokenize then cuts them)."""
+    tok = _tiny_tokenizer()  # one token per character
+    captions = ["a" * 100, "short", "b" * 300, "c" * 75]  # 75 characters + start + end = exactly 77 tokens
+    with capture_library_messages() as messages:
+        ids = lce.tokenize(tok, captions)
+    assert [m for m in messages if re.search(r"77|longer|sequence length", m)] == []
+    ours = [line for line in capsys.readouterr().out.splitlines() if "77" in line or "long" in line]
+    assert len(ours) == 1 and "2 caption(s)" in ours[0], ours
+    assert ids.shape == (4, 77)
+    assert ids[0, 0].item() == tok.bos_token_id and ids[0, -1].item() == tok.eos_token_id  # cut, still well-formed
+    assert ids[2, -1].item() == tok.eos_token_id
+
+
+# ----------------------------------------------------------------------------- the latent cache
 @pytest.fixture(scope="module")
 def encoders(make_cfg):
     cfg = make_cfg()
     tok, te, vae, unet, sched = lce.load_models(cfg, torch.float32, torch.float32)
     lce.freeze(te, vae, unet)
-    lce.add_lora(unet, cfg)
+    lce.add_lora(unet, cfg, cfg.TARGET_MODULES)
     with torch.no_grad():  # a trained-looking adapter, so the LoRA path is part of the comparison
         g = torch.Generator().manual_seed(0)
         for n, p in unet.named_parameters():
@@ -23,98 +254,72 @@ def encoders(make_cfg):
 
 
 def datasets(cfg, tok, te, vae):
-    images, captions = lce.load_captioned_images(cfg)
+    images, captions = lce.load_captioned_images(cfg, show_progress=False)
     ds = lce.CaptionedImages(images, lce.tokenize(tok, captions), cfg)
     return ds, lce.cache_latents(ds, vae, te, cfg, show_progress=False)
+
+
+def loss(batch, unet, sched, seed, vae=None, te=None, scaling_factor=0.18215):
+    torch.manual_seed(seed)
+    return lce.compute_loss(batch, unet, sched, scaling_factor, vae, te)
 
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_cached_and_uncached_paths_give_the_same_loss(make_cfg, encoders, flip):
     tok, te, vae, unet, sched = encoders
-    cfg = make_cfg(f"--RANDOM_FLIP={flip}", "--BATCH_SIZE=3")
-    ds, cached = datasets(cfg, tok, te, vae)
-    assert len(ds) == len(cached) == 8
-    assert tuple(cached.mean.shape) == (8, 2 if flip else 1, 4, 8, 8)
+    ds, cached = datasets(make_cfg(f"--RANDOM_FLIP={flip}", "--BATCH_SIZE=3"), tok, te, vae)
+    assert len(ds) == len(cached) == 8 and tuple(cached.mean.shape) == (8, 2 if flip else 1, 4, 8, 8)
     idx = [5, 0, 3, 7]
-    uncached_batch = collate(ds[(i, flip)] for i in idx)
     cached_batch = collate(cached[(i, flip)] for i in idx)
     assert set(cached_batch) >= {"latent_mean", "latent_std", "text_emb"} and "pixel_values" not in cached_batch
-    torch.manual_seed(11)
-    loss_uncached = loss_of(uncached_batch, unet, sched, vae, te)
-    torch.manual_seed(11)
-    # no encoders for the cached batch: it must not need them
-    loss_cached = loss_of(cached_batch, unet, sched, None, None, scaling_factor=vae.config.scaling_factor)
-    torch.testing.assert_close(loss_cached, loss_uncached, rtol=1e-5, atol=1e-7)
-    # and different noise gives a different loss (the comparison is not trivially equal)
-    torch.manual_seed(12)
-    other = loss_of(cached_batch, unet, sched, None, None, scaling_factor=vae.config.scaling_factor)
-    assert abs(other.item() - loss_cached.item()) > 1e-4
+    uncached = loss(collate(ds[(i, flip)] for i in idx), unet, sched, 11, vae, te)
+    torch.testing.assert_close(loss(cached_batch, unet, sched, 11), uncached, rtol=1e-5, atol=1e-7)  # no encoders needed
+    assert abs(loss(cached_batch, unet, sched, 12).item() - uncached.item()) > 1e-4  # other noise, other loss
 
 
 def test_loss_does_not_depend_on_the_memory_layout_of_the_latents(make_cfg, encoders):
     """The same values in another memory layout (the VAE's own output is channels-last on the
     CPU, the cache is contiguous) must draw the same noise and give the same loss."""
     tok, te, vae, unet, sched = encoders
-    cfg = make_cfg("--RANDOM_FLIP=False", "--BATCH_SIZE=4")
-    _, cached = datasets(cfg, tok, te, vae)
+    _, cached = datasets(make_cfg("--RANDOM_FLIP=False"), tok, te, vae)
     batch = collate(cached[(i, False)] for i in [1, 2, 4, 6])
     channels_last = {k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in batch.items()}
-    assert torch.equal(channels_last["latent_mean"], batch["latent_mean"])
-    sf = vae.config.scaling_factor
-    torch.manual_seed(3)
-    contiguous_loss = loss_of(batch, unet, sched, None, None, scaling_factor=sf)
-    torch.manual_seed(3)
-    channels_last_loss = loss_of(channels_last, unet, sched, None, None, scaling_factor=sf)
-    torch.testing.assert_close(channels_last_loss, contiguous_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss(channels_last, unet, sched, 3), loss(batch, unet, sched, 3), rtol=1e-5, atol=1e-7)
 
 
-def test_cache_orientation_one_is_the_mirrored_image(make_cfg, encoders):
+def test_cache_holds_the_mirrored_image_and_the_captions(make_cfg, encoders):
     tok, te, vae, unet, sched = encoders
     cfg = make_cfg("--RANDOM_FLIP=True")
     ds, cached = datasets(cfg, tok, te, vae)
     asymmetric = 0
     for i in range(len(ds)):
-        px = ds[(i, False)]["pixel_values"]
-        mirrored = ds[(i, True)]["pixel_values"]
+        px, mirrored = ds[(i, False)]["pixel_values"], ds[(i, True)]["pixel_values"]
         assert torch.equal(mirrored, px.flip(-1))
         mean, std = lce.encode_images(vae, torch.stack([px, mirrored]))
         torch.testing.assert_close(cached[(i, False)]["latent_mean"], mean[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cached[(i, True)]["latent_mean"], mean[1], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cached[(i, True)]["latent_std"], std[1], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(cached.mean[i, 1], mean[1], rtol=1e-4, atol=1e-5)
         assert torch.equal(cached[(i, True)]["text_emb"], cached[(i, False)]["text_emb"])
-        if (mean[0] - mean[1]).abs().max() > 1e-3:
-            asymmetric += 1
+        asymmetric += (mean[0] - mean[1]).abs().max().item() > 1e-3
     assert asymmetric >= len(ds) // 2  # the two orientations really differ for these pictures
+    images, captions = lce.load_captioned_images(cfg, show_progress=False)
+    torch.testing.assert_close(cached.text_emb, lce.encode_text(te, lce.tokenize(tok, captions)), rtol=1e-5, atol=1e-6)
 
 
-def test_cached_text_embeddings_are_the_captions(make_cfg, encoders):
-    tok, te, vae, unet, sched = encoders
-    cfg = make_cfg("--RANDOM_FLIP=False")
-    ds, cached = datasets(cfg, tok, te, vae)
-    images, captions = lce.load_captioned_images(cfg)
-    expected = lce.encode_text(te, lce.tokenize(tok, captions))
-    torch.testing.assert_close(cached.text_emb, expected, rtol=1e-5, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- 12. EpochShuffle
+# ----------------------------------------------------------------------------- data order
 def order(n, seed, epoch, flip=True):
     s = lce.EpochShuffle(n, seed, flip)
     s.set_epoch(epoch)
     return list(s)
 
 
-def test_same_seed_and_epoch_give_the_same_order():
+def test_same_seed_and_epoch_give_the_same_order_and_others_differ():
     assert order(50, 42, 3) == order(50, 42, 3)
-    # a resumed run builds a new sampler and jumps to its epoch: the same order as a run that got there
-    s = lce.EpochShuffle(50, 42, True)
+    s = lce.EpochShuffle(50, 42, True)  # a resumed run builds a new sampler and jumps to its epoch
     for epoch in range(4):
         s.set_epoch(epoch)
         seen = list(s)
     assert seen == order(50, 42, 3)
-
-
-def test_different_epochs_and_seeds_differ():
     orders = [[i for i, _ in order(50, 42, e)] for e in range(5)]
     assert all(orders[a] != orders[b] for a in range(5) for b in range(a + 1, 5))
     assert [i for i, _ in order(50, 43, 0)] != orders[0]
@@ -137,16 +342,45 @@ def test_flips_are_per_epoch_and_absent_without_random_flip():
     assert [i for i, _ in order(50, 42, 2, flip=False)] == [i for i, _ in order(50, 42, 2, flip=True)]
 
 
-def test_dataloader_over_the_cache_sees_each_image_once_per_epoch(make_cfg, encoders):
+def test_the_dataloader_over_the_cache_sees_each_image_once_per_epoch(make_cfg, encoders):
     tok, te, vae, unet, sched = encoders
     cfg = make_cfg("--RANDOM_FLIP=True", "--BATCH_SIZE=3")
     _, cached = datasets(cfg, tok, te, vae)
-    sampler = lce.EpochShuffle(len(cached), cfg.SEED, True)
-    loader = torch.utils.data.DataLoader(cached, batch_size=3, sampler=sampler)
+    loader = lce.make_dataloader(cached, cfg, cuda=False)
     for epoch in range(2):
-        sampler.set_epoch(epoch)
-        embs = torch.cat([b["text_emb"] for b in loader])
-        means = torch.cat([b["latent_mean"] for b in loader])
+        loader.sampler.set_epoch(epoch)
         expected = order(len(cached), cfg.SEED, epoch)
-        assert torch.equal(embs, cached.text_emb[[i for i, _ in expected]])
-        assert torch.equal(means, torch.stack([cached.mean[i, int(f)] for i, f in expected]))
+        assert torch.equal(torch.cat([b["text_emb"] for b in loader]), cached.text_emb[[i for i, _ in expected]])
+        assert torch.equal(torch.cat([b["latent_mean"] for b in loader]), torch.stack([cached.mean[i, int(f)] for i, f in expected]))
+
+
+class Indices(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, item):
+        i, flip = item
+        return {"index": i, "flip": flip}
+
+
+def test_two_processes_each_get_their_own_share_of_every_epoch(make_cfg):
+    """What each process of a 2-process run trains on: the script's dataloader as accelerate
+    prepares it for process 0 and 1. train() calls dataloader.set_epoch(epoch), which must reach
+    EpochShuffle through accelerate's wrappers, or every epoch would repeat epoch 0's order."""
+    from accelerate.data_loader import prepare_data_loader
+
+    cfg = make_cfg("--BATCH_SIZE=2", "--RANDOM_FLIP=True")
+    shards = [prepare_data_loader(lce.make_dataloader(Indices(), cfg, cuda=False), num_processes=2, process_index=rank,
+                                  put_on_device=False) for rank in (0, 1)]
+    seen_by_epoch = []
+    for epoch in range(3):
+        seen = []
+        for loader in shards:
+            loader.set_epoch(epoch)
+            seen.append([(i, f) for b in loader for i, f in zip(b["index"].tolist(), b["flip"].tolist())])
+        expected = order(8, cfg.SEED, epoch)
+        # batch k of the shared order goes to process k % 2: disjoint halves, together every image once
+        assert seen[0] == expected[0:2] + expected[4:6] and seen[1] == expected[2:4] + expected[6:8], (epoch, seen)
+        assert len(shards[0]) == len(shards[1]) == 2  # steps per epoch are counted per process
+        seen_by_epoch.append(seen)
+    assert seen_by_epoch[0] != seen_by_epoch[1] != seen_by_epoch[2]

@@ -1,8 +1,8 @@
 """The documents are tested like the code: README.md, the tutorial and the quick reference.
 
 (a) every ```python block runs, in a fresh namespace, against the tiny demo pipeline and two tiny
-    LoRAs trained here with lce.main (a few textual substitutions turn the real model id, the
-    output folders, fp16 and CUDA into their tiny CPU equivalents: see SUBSTITUTIONS);
+    LoRAs trained by the script (conftest.two_loras); a few textual substitutions turn the real
+    model id, the output folders, fp16 and CUDA into their tiny CPU equivalents (see substitute());
     a block right after `<!-- doc-test: skip (reason) -->` is skipped with that reason;
 (b) the tutorial's chapter-4 subsections are the script's numbered section banners, in order;
 (c) every `--NAME=value` and every UPPER_CASE name the documents mention is a real setting
@@ -93,29 +93,9 @@ def substitute(code, model_dir, lora_dirs):
 
 
 @pytest.fixture(scope="session")
-def doc_loras(tmp_path_factory, tiny_model_dir, tiny_data_dir):
-    """Two tiny LoRAs trained by the script itself: 'my_lora_model' (r=4, α=8) and
-    'my_second_lora_model' (r=8, α=4, another seed), both with their WebUI file."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    root = tmp_path_factory.mktemp("doc_loras")
-    dirs = {}
-    for name, extra in (("my_lora_model", ["--LORA_RANK=4", "--LORA_ALPHA=8"]),
-                        ("my_second_lora_model", ["--LORA_RANK=8", "--LORA_ALPHA=4", "--SEED=7"])):
-        out = str(root / name)
-        argv = [f"--MODEL_ID={tiny_model_dir}", f"--DATA_DIR={tiny_data_dir}", f"--OUTPUT_DIR={out}",
-                "--RESOLUTION=64", "--BATCH_SIZE=4", "--GRADIENT_ACCUMULATION_STEPS=1", "--MAX_TRAIN_STEPS=4",
-                "--LEARNING_RATE=1e-3", "--NUM_INFERENCE_STEPS=2", "--VALIDATION_PROMPT=a red circle",
-                "--VALIDATION_PROMPTS=a red circle", "--NUM_VALIDATION_SEEDS=1", *extra]
-        try:
-            lce.main(argv)
-        finally:
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-        assert os.path.isfile(os.path.join(out, lce.WEIGHTS_NAME))
-        assert os.path.isfile(os.path.join(out, "my_lora.safetensors"))
-        dirs[name] = out.replace("\\", "/")
-    return dirs
+def doc_loras(two_loras):
+    """The two small LoRAs the script trained (conftest): 'my_lora_model' and 'my_second_lora_model'."""
+    return {name: run.out.replace("\\", "/") for name, run in two_loras.items()}
 
 
 @pytest.mark.parametrize("doc, index, line, code, markers", python_blocks())
@@ -183,7 +163,7 @@ def tutorial_chapter4():
 
 def test_script_banners_are_parsed():
     sections = script_sections()
-    assert [n for n, _ in sections] == list(range(1, 8)), sections
+    assert [n for n, _ in sections] == list(range(1, 9)), sections
     assert sections[0] == (1, "Configuration")
 
 

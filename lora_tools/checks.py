@@ -1,0 +1,108 @@
+"""Fail fast: every setting and every local path is checked before anything slow starts (model
+download, image decoding, caching), and a mistake is one line saying what, why and how to fix it.
+"""
+import importlib.util
+import os
+import tempfile
+
+from lora_tools.config import UserError
+
+MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULER_CHOICES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def check_config(c):
+    """Check every setting's value (c: the dict of resolved settings). Raises UserError."""
+
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+
+    def number(name, low, kind=(int, float), strict=False, none_ok=False):
+        v = c[name]
+        if v is None and none_ok:
+            return
+        ok = isinstance(v, kind) and not isinstance(v, bool) and (v > low if strict else v >= low)
+        what = "an integer" if kind is int else "a number"
+        need(ok, f"{name} must be {what} {'>' if strict else '>='} {low}{' or None' if none_ok else ''}, got {v!r}")
+
+    for name in ("LORA_RANK", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_EPOCHS", "NUM_INFERENCE_STEPS",
+                 "LOG_EVERY", "NUM_VALIDATION_SEEDS"):
+        number(name, 1, int)
+    number("LR_WARMUP_STEPS", 0, int)
+    for name in ("MAX_TRAIN_STEPS", "MAX_TRAIN_SAMPLES", "CHECKPOINTING_STEPS", "CHECKPOINTS_TOTAL_LIMIT", "VALIDATION_STEPS"):
+        number(name, 1, int, none_ok=True)
+    number("DATALOADER_NUM_WORKERS", 0, int, none_ok=True)
+    number("RESOLUTION", 8, int)
+    need(c["RESOLUTION"] % 8 == 0,
+         f"RESOLUTION must be a positive multiple of 8 (the VAE downsamples by 8), got {c['RESOLUTION']} — try {max(64, round(c['RESOLUTION'] / 64) * 64)}")
+    for name in ("LEARNING_RATE", "LORA_ALPHA"):
+        number(name, 0, strict=True)
+    for name in ("TEXT_ENCODER_LEARNING_RATE", "LORAPLUS_LR_RATIO", "SNR_GAMMA", "MAX_GRAD_NORM"):
+        number(name, 0, strict=True, none_ok=True)
+    for name in ("LORA_DROPOUT", "ADAM_WEIGHT_DECAY", "GUIDANCE_SCALE", "NOISE_OFFSET"):
+        number(name, 0)
+    need(c["LORA_DROPOUT"] < 1, f"LORA_DROPOUT must be in [0, 1), got {c['LORA_DROPOUT']}")
+    need(isinstance(c["SEED"], int) and not isinstance(c["SEED"], bool), f"SEED must be an integer, got {c['SEED']!r}")
+    need(c["SAVE_DTYPE"] in ("fp32", "fp16"), f"SAVE_DTYPE must be 'fp32' or 'fp16', got {c['SAVE_DTYPE']!r}")
+    need(bool(c["OUTPUT_NAME"]) and os.sep not in c["OUTPUT_NAME"] and c["OUTPUT_NAME"] != "pytorch_lora_weights",
+         f"OUTPUT_NAME must be a plain file name (no folders, not pytorch_lora_weights), got {c['OUTPUT_NAME']!r}")
+    need(c["REPORT_TO"] in (None, "tensorboard"), f"REPORT_TO must be None or 'tensorboard', got {c['REPORT_TO']!r}")
+    need(c["MIXED_PRECISION"] in MIXED_PRECISION_CHOICES, f"MIXED_PRECISION must be one of {MIXED_PRECISION_CHOICES}, got {c['MIXED_PRECISION']!r}")
+    need(c["LR_SCHEDULER"] in LR_SCHEDULER_CHOICES, f"LR_SCHEDULER must be one of {LR_SCHEDULER_CHOICES}, got {c['LR_SCHEDULER']!r}")
+    for name, example in (("TARGET_MODULES", "to_q,to_k,to_v,to_out.0"), ("TEXT_ENCODER_TARGET_MODULES", "q_proj,k_proj,v_proj,out_proj"),
+                          ("VALIDATION_PROMPTS", "'a red circle','a blue square'")):
+        need(len(c[name]) > 0 and all(isinstance(m, str) and m for m in c[name]),
+             f"{name} must be a non-empty list of names, got {c[name]!r} — e.g. --{name}={example}")
+    need(c["CENTER_CROP"] or not c["CACHE_LATENTS"],
+         "CENTER_CROP=False (random crops) cannot use the latent cache, which stores one crop per image — "
+         "set --CENTER_CROP=True (fast) or --CACHE_LATENTS=False (encodes every step, slower)")
+    for name in ("DATA_DIR", "IMAGE_COLUMN", "CAPTION_COLUMN", "REVISION", "RESUME_FROM"):
+        need(c[name] is None or (isinstance(c[name], str) and c[name] != ""), f"{name} must be text or None, got {c[name]!r}")
+    need(bool(c["OUTPUT_DIR"]), "OUTPUT_DIR must not be empty")
+
+
+def check_paths(cfg):
+    """The local folders the run reads."""
+    for name in ("DATA_DIR",):
+        if getattr(cfg, name) is not None and not os.path.isdir(getattr(cfg, name)):
+            raise UserError(f"{name}={getattr(cfg, name)!r} does not exist or is not a folder — point --{name} at a folder of images")
+    model = cfg.MODEL_ID
+    looks_local = os.path.isabs(model) or model.startswith(".") or model.count("/") != 1
+    if (os.path.exists(model) or looks_local) and not os.path.isfile(os.path.join(model, "unet", "config.json")):
+        raise UserError(f"MODEL_ID={model!r} is not a diffusers-layout model folder (no unet/config.json there) — pass a folder "
+                        "with unet/, vae/, text_encoder/, tokenizer/, scheduler/, or a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def check_environment(cfg):
+    """Optional packages that a setting needs: missing ones are found now, not mid-run."""
+    needs = [(cfg.USE_8BIT_ADAM, "bitsandbytes", "USE_8BIT_ADAM=True"), (cfg.REPORT_TO == "tensorboard", "tensorboard", "REPORT_TO='tensorboard'")]
+    for wanted, package, setting in needs:
+        if wanted and importlib.util.find_spec(package) is None:
+            raise UserError(f"{setting} needs the {package} package, which is optional — pip install {package}, or turn the setting off")
+
+
+def check_output_dir(path):
+    """Fail now, not after hours of training, if the results cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"OUTPUT_DIR={path!r} is not writable ({e.strerror}) — pick another --OUTPUT_DIR or fix its permissions") from None
+
+
+def explain_load_error(setting, name, error):
+    """One line on why a hub download or a local load failed, and what to do."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if os.path.isdir(name):
+        return f"{setting}={name!r}: could not load from this folder ({text})"
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return (f"{setting}={name!r} is not in the local hub cache and HF_HUB_OFFLINE=1 forbids downloading — "
+                f"unset HF_HUB_OFFLINE, or download it once and pass its local folder")
+    names = type(error).__name__ + " " + text
+    if any(k in names for k in ("RepositoryNotFound", "GatedRepo", "401", "403", "404")):
+        return (f"{setting}={name!r} was not found on the hub, or it is private/gated — check the spelling, accept "
+                f"its licence on the hub, and log in (hf auth login, or set HF_TOKEN)")
+    return (f"{setting}={name!r} could not be fetched: the hub is unreachable ({text}) — check the network or proxy, "
+            f"or download it elsewhere and pass its local folder")

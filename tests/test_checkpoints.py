@@ -1,0 +1,261 @@
+"""Checkpoints: an exact resume mid-epoch (the text encoder's adapter included), metrics.jsonl kept
+up to the checkpoint, CHECKPOINTS_TOTAL_LIMIT and RESUME_FROM=latest, folders plain tools can read,
+clear errors; Ctrl-C / SIGTERM save a checkpoint, print the resume command and exit 130 / 143; with
+several processes the stop flag is compared only where the processes sync anyway."""
+import json
+import os
+import re
+import shlex
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import lora_complete_example as lce
+from conftest import (SCRIPT_NAME, capture_library_messages, fresh_pipe, key_complaints, lora_weights, maxdiff,
+                      run_main, start_script)
+from lora_tools.checkpoint import resolve_resume
+from lora_tools.config import UserError
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(maxdiff(a[k], b[k]) for k in a)
+
+
+def checkpoint_names(folder):
+    return sorted((n for n in os.listdir(folder) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+
+
+def leftovers(folder):
+    """Temporary files/folders of interrupted atomic writes (atomic_path's .tmp-*, checkpoints' .checkpoint-*)."""
+    return [os.path.join(root, n) for root, dirs, files in os.walk(folder) for n in dirs + files
+            if n.startswith((".tmp-", ".checkpoint-", ".write-test-"))]
+
+
+def metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- exact resume
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory, tiny_args):
+    """A: 12 steps, a checkpoint every 3, the newest 2 kept (6 and 9). B: A's settings resumed from A's
+    checkpoint-9 in another folder; 8 images, BATCH_SIZE=3 and GRADIENT_ACCUMULATION_STEPS=2 make 2
+    optimizer steps an epoch (the second on one micro-batch), so step 9 is mid-epoch. Then
+    RESUME_FROM=latest in A's own folder."""
+    root = tmp_path_factory.mktemp("resume")
+    argv = tiny_args("--BATCH_SIZE=3", "--GRADIENT_ACCUMULATION_STEPS=2", "--LORA_DROPOUT=0.1", "--MAX_TRAIN_STEPS=12",
+                     "--CHECKPOINTING_STEPS=3", "--CHECKPOINTS_TOTAL_LIMIT=2", "--LOG_EVERY=1")
+    a = run_main(argv + [f"--OUTPUT_DIR={root / 'A'}"])
+    after_a = dict(checkpoints=checkpoint_names(a.out), leftovers=leftovers(a.out), weights=lora_weights(a.out),
+                   metrics=metrics(a.out))
+    b = run_main(argv + [f"--OUTPUT_DIR={root / 'B'}", f"--RESUME_FROM={os.path.join(a.out, 'checkpoint-9')}"])
+    latest = run_main(argv + [f"--OUTPUT_DIR={root / 'A'}", "--RESUME_FROM=latest"])
+    return dict(a=a, after_a=after_a, b=b, latest=latest, argv=argv, root=root)
+
+
+def test_resumed_run_ends_with_the_same_weights_and_metrics(resume_runs):
+    a, b = resume_runs["a"], resume_runs["b"]
+    assert "2 steps/epoch" in a.log and re.search(r"resumed from .*checkpoint-9 at step 9", b.log), b.log
+    final = resume_runs["after_a"]["weights"]
+    assert max_abs_diff(final, lora_weights(os.path.join(a.out, "checkpoint-9"))) > 1e-4  # steps 10-12 trained something
+    assert max_abs_diff(final, lora_weights(b.out)) <= 1e-5
+    # metrics.jsonl: nothing before the checkpoint in B's new folder, the same losses after it
+    resumed = metrics(b.out)
+    assert [r["step"] for r in resumed] == [10, 11, 12]
+    for r, r_a in zip(resumed, resume_runs["after_a"]["metrics"][9:]):
+        assert (r["step"], r["epoch"], r["lr"]) == (r_a["step"], r_a["epoch"], r_a["lr"]) and r["loss"] == pytest.approx(r_a["loss"], rel=1e-5)
+
+
+def test_checkpoints_total_limit_keeps_the_newest_and_latest_continues_exactly(resume_runs):
+    out = resume_runs["a"].out
+    assert resume_runs["after_a"]["checkpoints"] == ["checkpoint-6", "checkpoint-9"] and resume_runs["after_a"]["leftovers"] == []
+    assert re.search(r"resumed from .*checkpoint-9 at step 9", resume_runs["latest"].log)
+    assert max_abs_diff(resume_runs["after_a"]["weights"], lora_weights(out)) <= 1e-5
+    assert checkpoint_names(out) == ["checkpoint-6", "checkpoint-9"]
+    # a resumed run keeps its folder's metrics up to the checkpoint and appends its own
+    again = metrics(out)
+    assert [(r["step"], r["lr"]) for r in again] == [(r["step"], r["lr"]) for r in resume_runs["after_a"]["metrics"]]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in resume_runs["after_a"]["metrics"]], rel=1e-5)
+
+
+def test_checkpoint_folder_is_readable_by_plain_tools(resume_runs, tiny_model_dir):
+    ckpt = os.path.join(resume_runs["a"].out, "checkpoint-9")
+    assert {"pytorch_lora_weights.safetensors", "training_config.json", "training_state.pt"} <= set(os.listdir(ckpt))
+    state = torch.load(os.path.join(ckpt, "training_state.pt"), map_location="cpu", weights_only=True)
+    assert state["position"]["global_step"] == 9 and {"optimizer", "lr_scheduler", "rng"} <= set(state)
+    assert isinstance(state["rng"], list) and len(state["rng"]) == 1  # one process, one set of RNG states
+    with open(os.path.join(ckpt, "training_config.json")) as f:
+        config = json.load(f)
+    assert config["LORA_RANK"] == 4 and config["BATCH_SIZE"] == 3 and config["LORA_DROPOUT"] == 0.1
+    with capture_library_messages() as messages:
+        pipe = fresh_pipe(tiny_model_dir, ckpt)
+    assert key_complaints(messages) == [], messages
+    assert len([n for n, _ in pipe.unet.named_parameters() if "lora_" in n]) == len(lora_weights(ckpt)) > 0
+
+
+def test_resume_with_a_different_rank_or_from_a_non_checkpoint_is_a_clear_error(resume_runs):
+    out = str(resume_runs["root"] / "rank8")
+    with pytest.raises(UserError) as e:
+        lce.main(resume_runs["argv"] + [f"--OUTPUT_DIR={out}", "--LORA_RANK=8",
+                                        f"--RESUME_FROM={os.path.join(resume_runs['a'].out, 'checkpoint-9')}"])
+    assert all(w in str(e.value) for w in ("LORA_RANK", "4", "8")) and "\n" not in str(e.value)
+    assert not os.path.exists(os.path.join(out, lce.WEIGHTS_NAME))
+    for not_a_checkpoint in (resume_runs["a"].out, os.path.join(resume_runs["root"], "nowhere")):
+        with pytest.raises(UserError, match="RESUME_FROM") as e:
+            resolve_resume(not_a_checkpoint, resume_runs["b"].out)
+        assert not_a_checkpoint in str(e.value)
+
+
+def test_latest_with_no_checkpoint_starts_fresh(tmp_path):
+    assert resolve_resume("latest", str(tmp_path)) is None
+    (tmp_path / "checkpoint-5").mkdir()  # incomplete: no training_state.pt
+    assert resolve_resume("latest", str(tmp_path)) is None
+
+
+def test_resume_includes_the_text_encoder(feature_run, tmp_path):
+    argv = [a for a in feature_run.argv if not a.startswith(("--OUTPUT_DIR=", "--SAVE_MERGED_MODEL="))]
+    ckpt = os.path.join(feature_run.out, "checkpoint-5")
+    resumed = run_main(argv + [f"--OUTPUT_DIR={tmp_path / 'out'}", f"--RESUME_FROM={ckpt}"])
+    assert re.search(r"resumed from .*checkpoint-5 at step 5", resumed.log), resumed.log[-2000:]
+    before, full, again = lora_weights(ckpt), lora_weights(feature_run.out), lora_weights(resumed.out)
+    assert before.keys() == full.keys() == again.keys()
+    for part in ("unet.", "text_encoder."):
+        keys = [k for k in full if k.startswith(part)]
+        assert keys and max(maxdiff(full[k], before[k]) for k in keys) > 1e-4, part  # steps 6-10 trained this part
+        assert max(maxdiff(full[k], again[k]) for k in keys) <= 1e-5, part
+
+
+# ----------------------------------------------------------------------------- several processes: when to compare stop flags
+class TwoProcesses:
+    """An accelerator stand-in for one of two processes; the other's stop flag is `other`."""
+
+    num_processes, device = 2, torch.device("cpu")
+
+    def __init__(self, other):
+        self.other, self.reduces = other, 0
+
+    def reduce(self, tensor, reduction):
+        self.reduces += 1
+        assert reduction == "max"
+        return torch.maximum(tensor, torch.tensor(float(self.other)))
+
+
+@pytest.mark.parametrize("mine, other", [(True, False), (False, True), (False, False)])
+def test_processes_compare_stop_flags_only_at_sync_points(mine, other):
+    stop = lce.StopRequest()
+    try:
+        stop.signum = signal.SIGINT if mine else None
+        acc = TwoProcesses(other)
+        assert [stop.agreed(acc, sync_now=False) for _ in range(5)] == [False] * 5 and acc.reduces == 0
+        assert stop.agreed(acc, sync_now=True) is (mine or other) and acc.reduces == 1  # both stop at the same step
+        one = type("OneProcess", (), {"num_processes": 1})()  # alone: no one to agree with, stop at once
+        assert stop.agreed(one, sync_now=False) is mine
+    finally:
+        stop.restore()
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
+FAST_DEMO = ["--DEMO=True", "--NUM_INFERENCE_STEPS=2"]
+
+
+class Watched:
+    """A demo training run in a subprocess whose merged output is collected by a thread."""
+
+    def __init__(self, out_dir):
+        import subprocess
+
+        self.args = [*FAST_DEMO, "--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", f"--OUTPUT_DIR={out_dir}"]
+        self.proc = start_script(*self.args, stderr=subprocess.STDOUT)
+        self.chunks, self.lock = [], threading.Lock()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for chunk in iter(lambda: os.read(self.proc.stdout.fileno(), 65536), b""):
+            with self.lock:
+                self.chunks.append(chunk)
+
+    def text(self):
+        with self.lock:
+            return b"".join(self.chunks).decode("utf-8", "replace")
+
+    def wait_for_training(self, timeout=240):
+        """Until the progress bar shows at least one finished optimizer step."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if re.search(r"training:\s+\d+%\|[^|]*\|\s*[1-9]\d*/5000", self.text()):
+                return
+            time.sleep(0.2)
+        self.kill()
+        pytest.fail(f"training did not start:\n{self.text()[-3000:]}")
+
+    def finish(self, timeout=60):
+        import subprocess
+
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the run did not stop within {timeout}s of the signal:\n{self.text()[-3000:]}")
+        self.thread.join(timeout=10)
+        return rc, self.text()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """Two demo runs of 5000 steps; once each has trained a step, one gets SIGINT (Ctrl-C), the other
+    SIGTERM (what `kill`, Slurm and docker stop send). {signal: (rc, output, OUTPUT_DIR, args)}"""
+    results = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path_factory.mktemp(s.name.lower()) / "out"
+        run = Watched(out)
+        try:
+            run.wait_for_training()
+            run.proc.send_signal(s)
+            results[s] = (*run.finish(), out, run.args)
+        finally:
+            run.kill()
+    return results
+
+
+def parse_stop(text, out):
+    m = re.search(r"stopped at step (\d+); resume with:\s*\n\s*(.+)", text)
+    assert m, text[-3000:]
+    step, command = int(m.group(1)), m.group(2).strip()
+    assert "--RESUME_FROM=" in command
+    assert {"pytorch_lora_weights.safetensors", "training_config.json", "training_state.pt"} <= set(os.listdir(out / f"checkpoint-{step}"))
+    return step, command
+
+
+def test_ctrl_c_checkpoints_prints_the_resume_command_and_it_works(interrupted):
+    rc, text, out, args = interrupted[signal.SIGINT]
+    assert rc == 130 and "Traceback" not in text, text[-3000:]
+    step, command = parse_stop(text, out)
+    resume = shlex.split(command)
+    assert resume[:2] == ["python", SCRIPT_NAME] and f"--RESUME_FROM={out / f'checkpoint-{step}'}" in resume
+    assert [a for a in resume[2:] if not a.startswith("--RESUME_FROM=")] == args  # every setting kept
+    # the printed command: the script with these arguments (run here in this process), two more steps
+    r = run_main([a if not a.startswith("--MAX_TRAIN_STEPS=") else f"--MAX_TRAIN_STEPS={step + 2}" for a in resume[2:]])
+    assert re.search(rf"resumed from .*checkpoint-{step} at step {step}\b", r.log), r.log[-3000:]
+    assert "trained 2 steps" in r.log
+    assert (out / lce.WEIGHTS_NAME).is_file() and (out / "test_generation.png").is_file()
+
+
+def test_sigterm_checkpoints_and_exits_143(interrupted):
+    rc, text, out, _ = interrupted[signal.SIGTERM]
+    assert rc == 143 and "Traceback" not in text, text[-3000:]
+    step, _ = parse_stop(text, out)
+    state = torch.load(out / f"checkpoint-{step}" / "training_state.pt", map_location="cpu", weights_only=True)
+    assert state["position"]["global_step"] == step
+    assert not (out / lce.WEIGHTS_NAME).exists()  # stopped runs leave only the checkpoint
+

@@ -1,0 +1,171 @@
+"""When the numbers or the machine misbehave: a diverging run stops as one 'error:' line and never
+replaces good weights or checkpoints, running out of GPU memory names the settings to change (exit
+3), files are written atomically, and nothing in the project unpickles code."""
+import ast
+import glob
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lora_complete_example as lce
+from conftest import REPO_ROOT, python_driver, run_script
+from lora_tools.files import atomic_path
+
+OOM_SETTINGS = ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "GRADIENT_CHECKPOINTING", "RESOLUTION", "CACHE_LATENTS",
+                "MIXED_PRECISION")
+
+
+def assert_one_error_line(r, *words):
+    """Exactly one line starting with 'error:' on stderr, naming `words` (a progress bar before it
+    must have ended its line), and no traceback."""
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"expected one line starting with 'error:' on stderr, got:\n{r.stderr[-3000:]!r}"
+    assert all(w in errors[0] for w in words), errors[0]
+
+
+def file_bytes(folder):
+    """{relative path: bytes} of every file under folder."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return found
+
+
+@pytest.fixture(scope="module")
+def failing_runs(tmp_path_factory):
+    """Two demo runs: one at LEARNING_RATE=1e30 into a folder that already holds a
+    good adapter, its config and a checkpoint; one whose loss raises CUDA's out-of-memory error
+    (the script does `from torch.nn.functional import mse_loss`, so patching it reaches the step)."""
+    out = tmp_path_factory.mktemp("diverge") / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    save_file({"unet.known": torch.arange(6, dtype=torch.float32)}, str(out / lce.WEIGHTS_NAME))
+    (out / "training_config.json").write_text('{"from": "an earlier good run"}\n')
+    for name in ("pytorch_lora_weights.safetensors", "training_state.pt", "training_config.json"):
+        (out / "checkpoint-3" / name).write_bytes(b"earlier " + name.encode())
+    before = file_bytes(str(out))
+    driver = python_driver(tmp_path_factory.mktemp("oom") / "oom.py", "import torch, torch.nn.functional\n"
+                           "def out_of_memory(*args, **kwargs):\n"
+                           "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
+                           "torch.nn.functional.mse_loss = out_of_memory")
+    demo = ["--DEMO=True", "--NUM_INFERENCE_STEPS=2"]
+    return dict(out=str(out), before=before,
+                diverge=run_script(*demo, "--MAX_TRAIN_STEPS=10", "--LEARNING_RATE=1e30", "--CHECKPOINTING_STEPS=None",
+                                   f"--OUTPUT_DIR={out}", check=False, timeout=300),
+                oom=run_script(*demo, "--MAX_TRAIN_STEPS=5", f"--OUTPUT_DIR={out.parent / 'oom_out'}", program=driver,
+                               check=False, timeout=300))
+
+
+def test_divergence_exits_2_with_one_error_line_naming_learning_rate(failing_runs):
+    r = failing_runs["diverge"]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert_one_error_line(r, "training diverged", "LEARNING_RATE")
+
+
+def test_divergence_leaves_existing_weights_and_checkpoints_byte_identical(failing_runs):
+    after = file_bytes(failing_runs["out"])
+    for name, data in failing_runs["before"].items():
+        assert after.get(name) == data, f"{name} was changed or removed by the failed run"
+    assert not [n for n in after if os.path.basename(n).startswith((".tmp-", ".checkpoint-"))]  # no half-written file
+    assert not any(n.startswith("checkpoint-") and n != "checkpoint-3" for n in os.listdir(failing_runs["out"]))
+
+
+def test_out_of_memory_exits_3_naming_the_settings_to_change(failing_runs):
+    r = failing_runs["oom"]
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert_one_error_line(r, "out of GPU memory", *OOM_SETTINGS)
+
+
+def test_atomic_path_failure_midway_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "weights.safetensors"
+    target.write_bytes(b"old complete file")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_path(str(target)) as tmp:
+            assert os.path.dirname(tmp) == str(tmp_path)  # same folder: the rename is atomic
+            with open(tmp, "wb") as f:
+                f.write(b"half a new fi")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old complete file" and os.listdir(tmp_path) == ["weights.safetensors"]
+    with pytest.raises(KeyboardInterrupt):  # a new file: nothing at all, then the complete one
+        with atomic_path(str(tmp_path / "new.png")) as tmp:
+            open(tmp, "wb").write(b"partial")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["weights.safetensors"]
+    with atomic_path(str(tmp_path / "new.png")) as tmp:
+        open(tmp, "wb").write(b"complete")
+    assert (tmp_path / "new.png").read_bytes() == b"complete"
+
+
+def project_sources():
+    files = [lce.__file__, *glob.glob(os.path.join(REPO_ROOT, "lora_tools", "*.py")),
+             *glob.glob(os.path.join(REPO_ROOT, "benchmarks", "*.py"))]
+    return sorted(os.path.abspath(f) for f in files)
+
+
+def dotted(node):
+    """`a.b.c` of a Name/Attribute chain, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return ".".join([node.id, *reversed(parts)])
+    return None
+
+
+def resolved_call_names(tree):
+    """(call node, fully qualified name) for every call, following `import x as y` / `from x import y`."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = dotted(node.func)
+            if name:
+                head, _, rest = name.partition(".")
+                full = aliases.get(head, head) + ("." + rest if rest else "")
+                yield node, full
+
+
+def test_no_code_is_unpickled_anywhere():
+    files = project_sources()
+    assert lce.__file__ in files and any(f.endswith("checkpoint.py") for f in files)
+    problems, torch_loads = [], 0
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+        where = os.path.relpath(path, REPO_ROOT)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if any(m.split(".")[0] in ("pickle", "cPickle", "dill", "_pickle") for m in mods):
+                    problems.append(f"{where}:{node.lineno} imports pickle")
+        for call, name in resolved_call_names(tree):
+            kw = {k.arg: k.value for k in call.keywords if k.arg}
+            if name == "torch.load":
+                torch_loads += 1
+                v = kw.get("weights_only")
+                if not (isinstance(v, ast.Constant) and v.value is True):
+                    problems.append(f"{where}:{call.lineno} torch.load without weights_only=True")
+            if name.split(".")[0] in ("pickle", "dill", "_pickle") and name.split(".")[-1] in ("load", "loads", "Unpickler"):
+                problems.append(f"{where}:{call.lineno} {name}")
+            v = kw.get("trust_remote_code")
+            if v is not None and not (isinstance(v, ast.Constant) and v.value is False):
+                problems.append(f"{where}:{call.lineno} trust_remote_code={ast.unparse(v)}")
+        for node in ast.walk(tree):  # trust_remote_code in a {...} passed on as **kwargs (dict(...) is a call, above)
+            if isinstance(node, ast.Dict):
+                for k, v in zip(node.keys, node.values):
+                    if isinstance(k, ast.Constant) and k.value == "trust_remote_code" and not (
+                            isinstance(v, ast.Constant) and v.value is False):
+                        problems.append(f"{where}:{node.lineno} trust_remote_code in a dict")
+    assert torch_loads >= 1, "the scan found no torch.load at all: it is not looking at the right files"
+    assert problems == []

@@ -1,0 +1,97 @@
+"""Several processes, as `accelerate launch --multi_gpu` runs the script on several GPUs: here two
+CPU processes joined by gloo (conftest.start_script). The data folder holds four copies of one
+captioned picture, unflipped, one image per process and step: both processes see the same data, so
+the only difference between them is the noise and timesteps they draw.
+
+  two    two processes, COMPILE=True, 4 steps, a checkpoint at step 2
+  again  two processes, resumed from two's checkpoint-2 (COMPILE=False: it changes no number)
+  one    one process (in this process) on two copies: 2 steps an epoch too, so it draws its random
+         numbers in the same order as process 0
+
+torch.compile gets its eager backend (a driver patches it before the script starts): the same
+OptimizedModule wrapper as inductor, whose C++ build of the tiny UNet took 13 minutes on this CPU.
+"""
+import os
+import re
+
+import pytest
+import torch
+
+import lora_complete_example as lce
+from conftest import (WEBUI_NAME, capture_library_messages, finish, fresh_pipe, key_complaints, lora_weights, maxdiff,
+                      pipe_outputs, python_driver, run_main, start_script)
+from lora_tools.demo import make_shape_image
+
+STEPS = 4
+SETTINGS = dict(RESOLUTION=64, MIXED_PRECISION="no", BATCH_SIZE=1, GRADIENT_ACCUMULATION_STEPS=1, RANDOM_FLIP=False,
+                MAX_TRAIN_STEPS=STEPS, CHECKPOINTING_STEPS=2, LEARNING_RATE=1e-3, LOG_EVERY=1, NUM_INFERENCE_STEPS=2,
+                NUM_VALIDATION_SEEDS=1, VALIDATION_PROMPTS="a red circle on a blue background")
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(maxdiff(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("processes")
+    args = {}
+    for copies in (2, 4):
+        (root / f"data{copies}").mkdir()
+        for i in range(copies):
+            make_shape_image("red", "circle", "blue").save(root / f"data{copies}" / f"{i}.png")
+            (root / f"data{copies}" / f"{i}.txt").write_text("a red circle on a blue background")
+        args[copies] = [f"--MODEL_ID={tiny_model_dir}", f"--DATA_DIR={root / f'data{copies}'}", *(f"--{k}={v}" for k, v in SETTINGS.items())]
+    driver = python_driver(root / "eager_compile.py", "import torch\n_compile = torch.compile\n"
+                           "def compile_eager(model, *args, **kwargs):\n"
+                           "    print(f'torch.compile({type(model).__name__})', flush=True)\n"
+                           "    return _compile(model, backend='eager')\n"
+                           "torch.compile = compile_eager")
+    one = run_main(args[2] + [f"--OUTPUT_DIR={root / 'one'}"])
+    two = finish(start_script(*args[4], "--COMPILE=True", f"--OUTPUT_DIR={root / 'two'}", program=driver, launch=True))
+    again = finish(start_script(*args[4], f"--OUTPUT_DIR={root / 'again'}", f"--RESUME_FROM={root / 'two' / 'checkpoint-2'}", launch=True))
+    return dict(two=two, again=again, one=one, out={k: str(root / k) for k in ("two", "again", "one")})
+
+
+def test_two_compiled_processes_write_one_plain_file_that_diffusers_loads(runs, tiny_model_dir):
+    log = runs["two"].stdout
+    assert log.count("torch.compile(UNet2DConditionModel)") == 2  # COMPILE reached the UNet, in each process
+    assert "effective batch 2 = 1 x 1 accumulation x 2 process(es)" in log
+    assert log.count("reload check: saved file vs trained model") == 1 and log.count(f"trained {STEPS} steps") == 1  # rank 0 speaks
+    out = runs["out"]["two"]
+    written = sorted(os.path.relpath(os.path.join(root, n), out) for root, _, files in os.walk(out) for n in files
+                     if n.endswith(".safetensors"))
+    assert written == sorted([lce.WEIGHTS_NAME, WEBUI_NAME, os.path.join("checkpoint-2", lce.WEIGHTS_NAME)])
+    for name in written:  # the plain UNet's names, not the compiled wrapper's
+        keys = lora_weights(out, name).keys()
+        assert keys and not [k for k in keys if "_orig_mod" in k], name
+    with capture_library_messages() as messages:
+        pipe = fresh_pipe(tiny_model_dir, out)
+    assert key_complaints(messages) == [], messages
+    assert maxdiff(pipe_outputs(pipe)[0], pipe_outputs(fresh_pipe(tiny_model_dir))[0]) > 1e-3  # the trained adapter
+
+
+def test_a_checkpoint_keeps_each_processs_own_rng_states(runs):
+    state = torch.load(os.path.join(runs["out"]["two"], "checkpoint-2", "training_state.pt"), map_location="cpu", weights_only=True)
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+def test_a_two_process_resume_ends_with_the_weights_of_the_uninterrupted_run(runs):
+    """Each process restores its own RNG states: were process 1 given process 0's, it would draw
+    process 0's noise in steps 3 and 4 and end elsewhere."""
+    assert re.search(r"resumed from .*checkpoint-2 at step 2", runs["again"].stdout), runs["again"].stdout[-2000:]
+    assert "note:" not in runs["again"].stdout  # same settings, same number of processes: an exact continuation
+    final = lora_weights(runs["out"]["two"])
+    assert max_abs_diff(final, lora_weights(os.path.join(runs["out"]["two"], "checkpoint-2"))) > 1e-4  # steps 3-4 trained
+    assert max_abs_diff(final, lora_weights(runs["out"]["again"])) <= 1e-5
+
+
+def test_each_process_draws_its_own_noise(runs):
+    """Both processes train on the same picture. With one shared seed they would draw the same noise
+    and timesteps, compute the same gradient, and their average would be one process's: the two-process
+    LoRA would equal the one-process run's exactly (it does, 0.0 apart, with the script as it was before
+    the per-process seed). Seeded per process, they see different noise: twice the samples per step."""
+    one, two = lora_weights(runs["out"]["one"]), lora_weights(runs["out"]["two"])
+    assert max_abs_diff(one, two) > 1e-4
+    assert max_abs_diff(one, lora_weights(os.path.join(runs["out"]["one"], "checkpoint-2"))) > 1e-4  # and both trained
