@@ -7,7 +7,7 @@ safetensors file that diffusers loads, and renders a test image from base model 
 
 Usage (every constant below can be overridden as --NAME=value, spelled exactly like the constant):
 
-    # offline demo on a CPU, ~1 minute: a tiny random-weight SD-shaped model (its image is noise)
+    # offline demo on a CPU, ~2 minutes: LoRA teaches a small pretrained model a colour it never saw
     python lora_complete_example.py --DEMO=True
 
     # the real run: downloads SD1.5 and the Naruto captions dataset, trains on the visible GPU
@@ -101,24 +101,29 @@ VALIDATION_STEPS = None  # render a grid into OUTPUT_DIR/validation/ every N ste
 REPORT_TO = None  # "tensorboard": also log loss and lr through accelerate's trackers (pip install tensorboard)
 NUM_INFERENCE_STEPS = 30  # denoising steps for the test image
 GUIDANCE_SCALE = 7.5  # classifier-free guidance for the test image
-DEMO = False  # True = offline demo: tiny random SD-shaped model and generated pictures (see below)
+DEMO = False  # True = offline CPU demo: teach the small pretrained demo_base/ model a new colour (see below)
 
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]  # everything above, in order
 
 # DEMO=True swaps in these values (any you also give on the command line win). The training code
-# below has no demo branches: the demo is a real run on a tiny model built from configs.
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".demo_cache")
+# below has no demo branches: the demo is a real run on a small pretrained text-to-image model of a
+# world of coloured shapes (demo_base/, made by `python -m lora_tools.demo_base`) that has never seen
+# the colour purple. The LoRA learns purple from 24 captioned pictures of purple circles and squares,
+# and is judged on prompts it never saw (purple triangles, purple on yellow): lora_tools/shapes.py.
+HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_SETTINGS = dict(
-    MODEL_ID=os.path.join(DEMO_DIR, "tiny-sd-pipeline"),
-    DATA_DIR=os.path.join(DEMO_DIR, "shapes-dataset"),
+    MODEL_ID=os.path.join(HERE, "demo_base"),
+    DATA_DIR=os.path.join(HERE, ".demo_cache", "purple-shapes"),
     RESOLUTION=64,
-    BATCH_SIZE=4,
+    BATCH_SIZE=8,
     GRADIENT_ACCUMULATION_STEPS=1,
-    MAX_TRAIN_STEPS=60,
+    MAX_TRAIN_STEPS=150,
     LEARNING_RATE=1e-3,
-    LOG_EVERY=5,
-    NUM_INFERENCE_STEPS=10,
-    VALIDATION_PROMPTS=["a red circle on a blue background", "a green square on a yellow background"],
+    LOG_EVERY=10,
+    NUM_INFERENCE_STEPS=25,
+    GUIDANCE_SCALE=4.0,
+    VALIDATION_PROMPTS=["a purple triangle on a green background", "a purple circle on a yellow background",
+                        "a purple triangle on a white background", "a green triangle on a red background"],
 )
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 
@@ -181,12 +186,13 @@ def start(cfg):
         keep_host_memory()  # glibc: reuse freed host memory instead of returning it to the OS every step
         print0("no CUDA GPU visible: training on the CPU in fp32 — fine for --DEMO=True, far too slow for SD1.5")
     if cfg.DEMO:
-        from lora_tools.demo import build_tiny_dataset, build_tiny_pipeline
+        from lora_tools.checks import check_demo_base
+        from lora_tools.shapes import build_concept_dataset
 
-        with accelerator.main_process_first():  # built once, then every process reads it
-            build_tiny_pipeline(DEMO_SETTINGS["MODEL_ID"])
-            build_tiny_dataset(DEMO_SETTINGS["DATA_DIR"])
-        print0("DEMO: a tiny Stable-Diffusion-shaped model with random weights; its test image will be noise")
+        check_demo_base(DEMO_SETTINGS["MODEL_ID"])
+        with accelerator.main_process_first():  # drawn once, then every process reads it
+            build_concept_dataset(DEMO_SETTINGS["DATA_DIR"])
+        print0("DEMO: teaching the pretrained shapes model (demo_base/) the colour purple, which it has never seen")
     check_paths(cfg)
     if accelerator.is_main_process:
         check_output_dir(cfg.OUTPUT_DIR)
@@ -969,6 +975,10 @@ def generate(cfg, accelerator, dtype):
     tuned = render(pipe, cfg, cfg.VALIDATION_PROMPTS, [cfg.SEED])
     save_png(comparison_image({"base model": base, "base + LoRA": tuned}, list(cfg.VALIDATION_PROMPTS)),
              os.path.join(cfg.OUTPUT_DIR, "comparison.png"))
+    if cfg.DEMO:  # the demo's world can be judged by a program: how often is purple drawn, with and without the LoRA?
+        from lora_tools.shapes import concept_report
+
+        concept_report(pipe, seeds=[0, 1, 2, 3], steps=cfg.NUM_INFERENCE_STEPS, guidance_scale=cfg.GUIDANCE_SCALE, log=print0)
     del pipe
     if cfg.SAVE_MERGED_MODEL:
         merged = os.path.join(cfg.OUTPUT_DIR, "merged_pipeline")

@@ -106,3 +106,10 @@ def explain_load_error(setting, name, error):
                 f"its licence on the hub, and log in (hf auth login, or set HF_TOKEN)")
     return (f"{setting}={name!r} could not be fetched: the hub is unreachable ({text}) — check the network or proxy, "
             f"or download it elsewhere and pass its local folder")
+
+
+def check_demo_base(path):
+    """The demo's pretrained base model ships in the repository (demo_base/); say how to rebuild it if it is gone."""
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise UserError(f"the demo's base model {path} is missing — restore it (git checkout -- demo_base) "
+                        f"or rebuild it with `python -m lora_tools.demo_base` (about 45 minutes on a 2-core CPU)")
