@@ -38,6 +38,7 @@ EMA_DECAY = 0.999  # the saved weights are an exponential moving average of the 
 EVAL_EVERY = 600  # steps between progress scores on the held-out prompts
 GUIDANCE_SCALE = 4.0
 NUM_INFERENCE_STEPS = 25
+INIT_FROM = None  # a saved demo base to train further (stage 2 only, fresh optimizer); None = from scratch
 
 WORDS = ["a", "on", "of", "background", "shape", "photo", *SHAPES, *COLOURS, NEW_COLOUR]  # one token each
 
@@ -81,6 +82,16 @@ def build_models(vocab_size):
         block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
         cross_attention_dim=64, attention_head_dim=4)
     return vae, text_encoder, unet
+
+
+def load_models(path):
+    """A saved demo base (fp16 files), in fp32, to train further."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    load = lambda cls, sub: cls.from_pretrained(path, subfolder=sub, dtype=torch.float32)  # noqa: E731
+    return (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"), load(CLIPTextModel, "text_encoder"),
+            load(AutoencoderKL, "vae"), load(UNet2DConditionModel, "unet"))
 
 
 def schedulers():
@@ -200,8 +211,11 @@ def main(argv):
 
     torch.manual_seed(cfg["SEED"])
     train_combos, held_out = split_base_world(seed=cfg["SEED"])
-    tokenizer = build_tokenizer()
-    vae, text_encoder, unet = build_models(len(tokenizer))
+    if cfg["INIT_FROM"]:
+        tokenizer, text_encoder, vae, unet = load_models(cfg["INIT_FROM"])
+    else:
+        tokenizer = build_tokenizer()
+        vae, text_encoder, unet = build_models(len(tokenizer))
     noise_scheduler, sampler = schedulers()
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     log(f"base world: {len(SHAPES)} shapes x {len(COLOURS)} colours x {len(COLOURS)} backgrounds -> {len(train_combos)} "
@@ -210,12 +224,14 @@ def main(argv):
 
     random.seed(cfg["SEED"])
     pixels, captions = make_images(train_combos, cfg["IMAGES_PER_CAPTION"], cfg["SEED"])
-    log(f"stage 1: autoencoder on {len(pixels)} base-world pictures and {len(pixels) // 3} in random colours")
-    train_vae(vae, torch.cat([pixels, random_colour_images(len(pixels) // 3, cfg["SEED"] + 1)]), cfg["VAE_STEPS"], log)
+    if not cfg["INIT_FROM"]:
+        log(f"stage 1: autoencoder on {len(pixels)} base-world pictures and {len(pixels) // 3} in random colours")
+        train_vae(vae, torch.cat([pixels, random_colour_images(len(pixels) // 3, cfg["SEED"] + 1)]), cfg["VAE_STEPS"], log)
     mean, std = encode_all(vae, pixels)
-    check_autoencoder(vae, held_out, cfg["SEED"], log, "held-out base-world")
-    check_autoencoder(vae, [(s, NEW_COLOUR, b) for s in SHAPES for b in COLOURS], cfg["SEED"], log, NEW_COLOUR)
-    vae.register_to_config(scaling_factor=round(1.0 / mean.std().item(), 5))  # unit-variance latents, as SD's 0.18215
+    if not cfg["INIT_FROM"]:
+        check_autoencoder(vae, held_out, cfg["SEED"], log, "held-out base-world")
+        check_autoencoder(vae, [(s, NEW_COLOUR, b) for s in SHAPES for b in COLOURS], cfg["SEED"], log, NEW_COLOUR)
+        vae.register_to_config(scaling_factor=round(1.0 / mean.std().item(), 5))  # unit-variance latents, as SD's 0.18215
     log(f"  latent scaling factor {vae.config.scaling_factor} ({time.time() - t0:.0f}s)")
 
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids

@@ -160,8 +160,11 @@ def concept_scores(pipe, seeds, steps, guidance_scale, base_world):
     return {"concept": judge(CONCEPT_HELD_OUT), "base_world": judge(base_world)}
 
 
-def concept_report(pipe, seeds, steps, guidance_scale, log=print):
-    """Judge base and base + LoRA (diffusers' disable_lora / enable_lora) and say what the numbers mean."""
+def concept_report(pipe, seeds, steps, guidance_scale, log=print, path=None):
+    """Judge base and base + LoRA (diffusers' disable_lora / enable_lora), say what the numbers mean,
+    write them to `path` (JSON) and return one short note per comparison row."""
+    import json
+
     _, held_out = split_base_world()
     pipe.set_progress_bar_config(disable=True)
     pipe.disable_lora()
@@ -169,11 +172,17 @@ def concept_report(pipe, seeds, steps, guidance_scale, log=print):
     pipe.enable_lora()
     tuned = concept_scores(pipe, seeds, steps, guidance_scale, held_out)
     n_concept, n_base = len(CONCEPT_HELD_OUT) * len(seeds), len(held_out) * len(seeds)
-    log(f"judged by lora_tools/shapes.py, {len(seeds)} seeds per prompt, prompts the LoRA never saw:\n"
-        f"  {NEW_COLOUR} drawn ({n_concept} pictures: {NEW_COLOUR} triangles, {NEW_COLOUR} on yellow):  "
+    log(f"judged by lora_tools/shapes.py on prompts the LoRA never saw, {len(seeds)} seeds each:\n"
+        f"  {NEW_COLOUR} drawn, on {n_concept} pictures of {NEW_COLOUR} triangles and {NEW_COLOUR} shapes on yellow:  "
         f"base {base['concept']['colour']:.0%}  ->  base + LoRA {tuned['concept']['colour']:.0%}"
-        f"   (all three right: {base['concept']['all']:.0%} -> {tuned['concept']['all']:.0%})\n"
-        f"  base-world prompts drawn fully right ({n_base} pictures, no {NEW_COLOUR}):  "
-        f"base {base['base_world']['all']:.0%}  ->  base + LoRA {tuned['base_world']['all']:.0%}"
-        f"   (what the LoRA keeps of the base model's skill)")
-    return base, tuned
+        f"   (shape, colour and background all right: {base['concept']['all']:.0%} -> {tuned['concept']['all']:.0%})\n"
+        f"  the base model's own skill, {n_base} pictures of held-out base-world prompts (no {NEW_COLOUR}) drawn fully right:  "
+        f"base {base['base_world']['all']:.0%}  ->  base + LoRA {tuned['base_world']['all']:.0%}\n"
+        f"  (the first number is what the LoRA learned; the second is what it costs — a drop there is the LoRA\n"
+        f"  overwriting what the base knew, which fewer steps, a lower rank or prior preservation reduce)")
+    if path:
+        from lora_tools.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"seeds": list(seeds), "base": base, "base + LoRA": tuned}, indent=1) + "\n")
+    return {label: f"{NEW_COLOUR} {s['concept']['colour']:.0%}, base world {s['base_world']['all']:.0%}"
+            for label, s in (("base model", base), ("base + LoRA", tuned))}
