@@ -367,7 +367,7 @@ def add_lora(model, cfg, target_modules, setting="TARGET_MODULES", token_ids=Non
         inject_adapter_in_model(config, model, adapter_name="default")
     # fp32 master weights: bf16 has 8 bits of mantissa, too few for small updates
     cast_training_params(model, dtype=torch.float32)
-    return [p for p in model.parameters() if p.requires_grad]
+    return [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]  # (not NEW_TOKEN's rows)
 
 
 # --- pivotal tuning: a new token, its embedding learned together with the LoRA ---------------------
@@ -1042,7 +1042,14 @@ def load_pipeline_with_lora(cfg, weights_dir, dtype, weight_name=WEIGHTS_NAME):
     finally:
         logger.removeFilter(no_text_encoder_notice)
     if cfg.NEW_TOKEN:  # adds <t>, <t>_1, ... to the tokenizer; pipe(prompt) then expands <t> into all of them
-        pipe.load_textual_inversion(os.path.join(weights_dir, embedding_name(cfg)), token=cfg.NEW_TOKEN)
+        # transformers announces how it fills the new rows, which diffusers then overwrites: drop that line only
+        no_resize_notice = lambda record: "mean_resizing" not in record.getMessage()  # noqa: E731
+        logger = logging.getLogger("transformers.modeling_utils")
+        logger.addFilter(no_resize_notice)
+        try:
+            pipe.load_textual_inversion(os.path.join(weights_dir, embedding_name(cfg)), token=cfg.NEW_TOKEN)
+        finally:
+            logger.removeFilter(no_resize_notice)
     return pipe
 
 
@@ -1179,8 +1186,6 @@ def main(argv):
     token_ids = add_new_token(tokenizer, text_encoder, cfg) if cfg.NEW_TOKEN else None
     if cfg.TRAIN_TEXT_ENCODER:
         lora_params += add_lora(text_encoder, cfg, cfg.TEXT_ENCODER_TARGET_MODULES, "TEXT_ENCODER_TARGET_MODULES", token_ids)
-    elif token_ids:
-        lora_params.append(new_token_vectors(text_encoder))
     trainable = sum(p.numel() for p in lora_params)
     scale = cfg.LORA_ALPHA / (math.sqrt(cfg.LORA_RANK) if cfg.USE_RSLORA else cfg.LORA_RANK)
     print0(f"LoRA r={cfg.LORA_RANK}, α={cfg.LORA_ALPHA} (scale {'α/√r' if cfg.USE_RSLORA else 'α/r'} = {scale:g}"
@@ -1222,7 +1227,7 @@ def main(argv):
     lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer=optimizer, num_warmup_steps=cfg.LR_WARMUP_STEPS,
                                  num_training_steps=max_steps)  # stepped once per optimizer step
     effective_batch = cfg.BATCH_SIZE * cfg.GRADIENT_ACCUMULATION_STEPS * accelerator.num_processes
-    pairs = f" subject images, each batch with as many of the {len(class_paths)} class images" if class_paths else " images"
+    pairs = f" subject + {len(class_paths)} class images (each batch: {cfg.BATCH_SIZE} of each)" if class_paths else " images"
     print0(f"{len(images)}{pairs} at {cfg.RESOLUTION}px (latents 4x{cfg.RESOLUTION // vae_scale}x{cfg.RESOLUTION // vae_scale}) | "
            f"effective batch {effective_batch} = {cfg.BATCH_SIZE} x {cfg.GRADIENT_ACCUMULATION_STEPS} accumulation x "
            f"{accelerator.num_processes} process(es) | {steps_per_epoch} steps/epoch, {max_steps} steps, "

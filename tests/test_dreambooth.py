@@ -125,7 +125,7 @@ def dreambooth_runs(tmp_path_factory, tiny_args):
     step 4 is mid-epoch). B: A resumed from checkpoint-4 in another folder, with A's class pictures."""
     root = tmp_path_factory.mktemp("dreambooth")
     argv = dreambooth_args(tiny_args, "--BATCH_SIZE=3", "--GRADIENT_ACCUMULATION_STEPS=2", "--MAX_TRAIN_STEPS=6",
-                           "--CHECKPOINTING_STEPS=2", "--LOG_EVERY=1", "--LORA_DROPOUT=0.1", f"--CLASS_DATA_DIR={root / 'class'}")
+                           "--CHECKPOINTING_STEPS=2", "--LOG_EVERY=1", f"--CLASS_DATA_DIR={root / 'class'}")
     a = run_main(argv + [f"--OUTPUT_DIR={root / 'A'}"])
     class_files = {f: os.path.getmtime(os.path.join(root, "class", f)) for f in os.listdir(root / "class")}
     b = run_main(argv + [f"--OUTPUT_DIR={root / 'B'}", f"--RESUME_FROM={os.path.join(a.out, 'checkpoint-4')}"])
