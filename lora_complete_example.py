@@ -533,11 +533,11 @@ class EpochShuffle(torch.utils.data.Sampler):
 
 
 def make_dataloader(dataset, cfg, cuda):
+    from lora_tools.dreambooth import PairedImages, collate_pairs
+
     workers = cfg.DATALOADER_NUM_WORKERS
     if workers is None:  # cached latents are a tensor lookup; images need decoding
         workers = 0 if cfg.CACHE_LATENTS else min(4, max(0, (os.cpu_count() or 1) - 1))
-    from lora_tools.dreambooth import PairedImages, collate_pairs
-
     sampler = EpochShuffle(len(dataset), cfg.SEED, cfg.RANDOM_FLIP)
     pairs = isinstance(dataset, PairedImages)  # prior preservation: BATCH_SIZE subject + BATCH_SIZE class examples
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=sampler, num_workers=workers,
@@ -641,6 +641,7 @@ def save_training_checkpoint(cfg, step, unet, text_encoder, optimizer, lr_schedu
     rngs = gather_object([rng_states()])  # [process 0's, process 1's, ...] on every process
     if not accelerator.is_main_process:
         return None
+
     def write(folder):  # fp32, so that resuming is exact
         save_lora(os.path.join(folder, WEIGHTS_NAME), unet, cfg, text_encoder if cfg.TRAIN_TEXT_ENCODER else None, dtype=torch.float32)
         if cfg.NEW_TOKEN:
@@ -781,7 +782,7 @@ def train(cfg, accelerator, unet, text_encoder, train_models, optimizer, lr_sche
                     # DreamBooth: the batch holds subject and class examples; Eq. 2 weighs their two means 1 : λ
                     weights = prior_preservation_weights(batch["is_prior"], cfg.PRIOR_LOSS_WEIGHT) if "is_prior" in batch else None
                     loss = compute_loss(batch, train_unet, noise_scheduler, scaling_factor, vae, train_te,
-                                        snr_gamma=cfg.SNR_GAMMA, noise_offset=cfg.NOISE_OFFSET, example_weights=weights)
+                                        snr_gamma=cfg.SNR_GAMMA, noise_offset=cfg.NOISE_OFFSET, example_weights=weights)  # noise -> predict -> loss
                     accelerator.backward(loss)  # gradients reach A and B only (fp16: the loss is scaled first)
                     if accelerator.sync_gradients and cfg.MAX_GRAD_NORM is not None:
                         accelerator.clip_grad_norm_(lora_params, cfg.MAX_GRAD_NORM)  # a list, not a spent generator

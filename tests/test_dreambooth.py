@@ -51,21 +51,25 @@ def test_prior_loss_is_subject_mean_plus_lambda_class_mean(make_cfg, load_tiny):
 
 
 # ----------------------------------------------------------------------------- pivotal tuning, measured directly
-def test_pivotal_tuning_trains_only_the_new_rows_and_the_lora(make_cfg, load_tiny, tiny_model_dir, tmp_path):
-    """Three optimizer steps as the script takes them; then every tensor of the three models is compared
-    with its value before: only the LoRA tensors and the new token's rows may differ. The rows, saved
-    with save_embedding and loaded by plain diffusers, give the trained text encoder's output."""
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_pivotal_tuning_trains_only_the_new_rows_and_the_lora(make_cfg, load_tiny, tiny_model_dir, tmp_path, train_text_encoder):
+    """Three optimizer steps as the script takes them (with and without the text encoder's LoRA); then
+    every tensor of the three models is compared with its value before: only the LoRA tensors and the
+    new token's rows may differ. The files (save_embedding, save_lora) loaded by plain diffusers give
+    the trained text encoder's output."""
     from diffusers import StableDiffusionPipeline
 
     from lora_tools.dreambooth import save_embedding
 
     cfg = make_cfg(f"--NEW_TOKEN={TOKEN}", f"--NUM_NEW_TOKEN_VECTORS={N_VECTORS}", "--NEW_TOKEN_INIT_WORD=circle",
-                   "--EMBEDDING_LEARNING_RATE=1e-2", f"--INSTANCE_PROMPT={INSTANCE}")
+                   "--EMBEDDING_LEARNING_RATE=1e-2", f"--INSTANCE_PROMPT={INSTANCE}", f"--TRAIN_TEXT_ENCODER={train_text_encoder}")
     tok, te, vae, unet, sched = load_tiny(cfg)
     before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in (("te", te), ("unet", unet), ("vae", vae))}
     old_vocab = len(tok)
     lce.add_lora(unet, cfg, cfg.TARGET_MODULES)
     ids = lce.add_new_token(tok, te, cfg)
+    if train_text_encoder:  # as main() does: the text encoder's LoRA also holds the token's rows
+        lce.add_lora(te, cfg, cfg.TEXT_ENCODER_TARGET_MODULES, token_ids=ids)
     assert ids == [old_vocab, old_vocab + 1] and tok.convert_ids_to_tokens(ids) == [TOKEN, f"{TOKEN}_1"]
     start = lce.new_token_vectors(te).detach().clone()
     assert torch.equal(start[0], start[1])  # both start as the init word's embedding
@@ -89,7 +93,7 @@ def test_pivotal_tuning_trains_only_the_new_rows_and_the_lora(make_cfg, load_tin
         for k, v in m.state_dict().items():
             if "lora_" in k or "trainable_tokens" in k:
                 continue
-            k0 = k.replace(".base_layer", "")
+            k0 = k.replace(".token_adapter", "").replace(".base_layer", "")  # the name before PEFT wrapped the layer
             if name == "te" and k0.endswith("token_embedding.weight"):
                 # the frozen table: the old rows bit-identical, the new rows still at their start value
                 assert torch.equal(v[:old_vocab], before["te"][k0]) and torch.equal(v[ids], start.to(v.dtype))
@@ -100,10 +104,13 @@ def test_pivotal_tuning_trains_only_the_new_rows_and_the_lora(make_cfg, load_tin
     lora_moved = [n for n, p in unet.named_parameters() if "lora_B" in n and p.abs().max() > 0]
     assert lora_moved  # B starts at 0: it trained
 
-    # the rows through plain diffusers: the text encoder's output for a prompt holding the token
+    # the files through plain diffusers: the text encoder's output for a prompt holding the token
     path = str(tmp_path / EMB_NAME)
     save_embedding(path, lce.new_token_vectors(te))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    if train_text_encoder:
+        lce.save_lora(str(tmp_path / lce.WEIGHTS_NAME), unet, cfg, te)
+        pipe.load_lora_weights(str(tmp_path))
     pipe.load_textual_inversion(path, token=TOKEN)
     prompt = f"a {TOKEN} circle on a red background"
     theirs_ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length", max_length=77,
