@@ -16,13 +16,18 @@ Usage (every constant below can be overridden as --NAME=value, spelled exactly l
     # pick the GPU, your own images (a folder with metadata.jsonl or .txt captions), other knobs
     CUDA_VISIBLE_DEVICES=1 python lora_complete_example.py --DATA_DIR=./my_images --LORA_RANK=8
 
+    # one subject from a few pictures: DreamBooth with prior preservation, and a new token learned with the LoRA
+    python lora_complete_example.py --DATA_DIR=./my_dog --INSTANCE_PROMPT="a photo of <zwx> dog" --CLASS_PROMPT="a photo of a dog" --NEW_TOKEN="<zwx>"
+
     # several GPUs, data-parallel
     accelerate launch --multi_gpu --num_processes 2 lora_complete_example.py
 
 Writes to OUTPUT_DIR: pytorch_lora_weights.safetensors (the adapter in diffusers' format, with its
 rank/alpha metadata), <OUTPUT_NAME>.safetensors (the same adapter for Stable Diffusion WebUI and
 ComfyUI), training_config.json, test_generation.png, comparison.png (without/with the LoRA),
-metrics.jsonl + loss_curve.png, rank_spectrum.png, and checkpoint-<step>/ folders to resume from.
+metrics.jsonl + loss_curve.png, rank_spectrum.png, and checkpoint-<step>/ folders to resume from;
+with NEW_TOKEN also <OUTPUT_NAME>_emb.safetensors (the token's embedding, for load_textual_inversion),
+with CLASS_PROMPT the class pictures in class_images/.
 The numbered sections follow diffusion_lora_finetuning_tutorial.md chapter 4.
 """
 import json
