@@ -132,7 +132,7 @@ def dreambooth_runs(tmp_path_factory, tiny_args):
     step 4 is mid-epoch). B: A resumed from checkpoint-4 in another folder, with A's class pictures."""
     root = tmp_path_factory.mktemp("dreambooth")
     argv = dreambooth_args(tiny_args, "--BATCH_SIZE=3", "--GRADIENT_ACCUMULATION_STEPS=2", "--MAX_TRAIN_STEPS=6",
-                           "--CHECKPOINTING_STEPS=2", "--LOG_EVERY=1", f"--CLASS_DATA_DIR={root / 'class'}")
+                           "--CHECKPOINTING_STEPS=2", "--LOG_EVERY=1", f"--CLASS_DATA_DIR={root / 'class'}", "--SAVE_MERGED_MODEL=True")
     a = run_main(argv + [f"--OUTPUT_DIR={root / 'A'}"])
     class_files = {f: os.path.getmtime(os.path.join(root, "class", f)) for f in os.listdir(root / "class")}
     b = run_main(argv + [f"--OUTPUT_DIR={root / 'B'}", f"--RESUME_FROM={os.path.join(a.out, 'checkpoint-4')}"])
@@ -170,6 +170,22 @@ def test_plain_diffusers_reproduces_test_generation(dreambooth_runs, tiny_model_
     assert pixel_diff(render(pipe, a.cfg), os.path.join(a.out, "test_generation.png")) == 0
     # comparison.png: subject prompt, class prompt and the validation prompt, without and with the LoRA
     assert png(os.path.join(a.out, "comparison.png")).shape[1] > png(os.path.join(a.out, "test_generation.png")).shape[1] * 3
+
+
+def test_merged_pipeline_holds_the_token(dreambooth_runs, tiny_model_dir):
+    """SAVE_MERGED_MODEL: LoRA fused, and the token in the saved tokenizer and text encoder."""
+    from diffusers import StableDiffusionPipeline
+
+    a = dreambooth_runs["a"]
+    merged = StableDiffusionPipeline.from_pretrained(os.path.join(a.out, "merged_pipeline"), safety_checker=None)
+    loaded = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    loaded.load_lora_weights(a.out)
+    loaded.load_textual_inversion(os.path.join(a.out, EMB_NAME), token=TOKEN)
+    prompt = f"a {TOKEN} circle on a red background"
+    with torch.no_grad():
+        h = [p.text_encoder(p.tokenizer(p.maybe_convert_prompt(prompt, p.tokenizer), padding="max_length", max_length=77,
+                                        return_tensors="pt").input_ids)[0] for p in (merged, loaded)]
+    assert merged.tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1"]) == [514, 515] and maxdiff(*h) <= 1e-6
 
 
 def test_resume_with_a_new_token_is_exact(dreambooth_runs):
@@ -219,14 +235,16 @@ def test_instance_prompt_trains_a_folder_without_captions(make_cfg, tmp_path, ca
 DEMO_BASE = lce.DEMO_SETTINGS["MODEL_ID"]  # the repository's demo_base/
 SUBJECT = ("circle", "purple", "white")  # the subject: a purple circle, a colour the base model never saw
 DB_INSTANCE, DB_CLASS = "a zwx circle on a white background", "a circle on a white background"
+PT_INSTANCE = f"a {TOKEN} circle on a white background"
 SEEDS = list(range(8))
 
 
 @pytest.fixture(scope="module")
 def shapes_runs(tmp_path_factory):
-    """Five pictures of the subject; DreamBooth-LoRA on demo_base/ without and with prior preservation
-    (the same class pictures, the same seed), then pictures of the subject and class prompts from base,
-    and from base + each LoRA, at the same seeds."""
+    """Five pictures of the subject; LoRAs trained on demo_base/ with INSTANCE_PROMPT: DreamBooth
+    without and with prior preservation (the same class pictures and seed), and pivotal tuning with
+    prior preservation. Then pictures of the subject and class prompts at the same seeds from the
+    base model and from each run's files loaded by plain diffusers (the token alone: LoRA disabled)."""
     if not os.path.isfile(os.path.join(DEMO_BASE, "model_index.json")):
         pytest.skip("demo_base/ is missing (python -m lora_tools.demo_base builds it)")
     import random
@@ -239,19 +257,27 @@ def shapes_runs(tmp_path_factory):
     rng = random.Random(0)
     for i in range(5):
         draw(*SUBJECT, rng=rng).save(data / f"{i}.png")
-    common = [f"--MODEL_ID={DEMO_BASE}", f"--DATA_DIR={data}", f"--INSTANCE_PROMPT={DB_INSTANCE}", "--RESOLUTION=64",
-              "--BATCH_SIZE=8", "--GRADIENT_ACCUMULATION_STEPS=1", "--MAX_TRAIN_STEPS=100", "--LEARNING_RATE=1e-3",
-              "--NUM_INFERENCE_STEPS=25", "--GUIDANCE_SCALE=4.0", "--MIXED_PRECISION=no", "--CHECKPOINTING_STEPS=None",
-              f"--VALIDATION_PROMPTS={DB_INSTANCE}", "--NUM_VALIDATION_SEEDS=1"]
+    common = [f"--MODEL_ID={DEMO_BASE}", f"--DATA_DIR={data}", "--RESOLUTION=64", "--BATCH_SIZE=8", "--GRADIENT_ACCUMULATION_STEPS=1",
+              "--MAX_TRAIN_STEPS=100", "--LEARNING_RATE=1e-3", "--NUM_INFERENCE_STEPS=25", "--GUIDANCE_SCALE=4.0",
+              "--MIXED_PRECISION=no", "--CHECKPOINTING_STEPS=None", "--NUM_VALIDATION_SEEDS=1"]
     prior = [f"--CLASS_PROMPT={DB_CLASS}", "--NUM_CLASS_IMAGES=40", f"--CLASS_DATA_DIR={root / 'class'}"]
-    runs = {"without prior": run_main(common + [f"--OUTPUT_DIR={root / 'plain'}"]),
-            "with prior": run_main(common + prior + [f"--OUTPUT_DIR={root / 'prior'}"])}
+    plain = [f"--INSTANCE_PROMPT={DB_INSTANCE}", f"--VALIDATION_PROMPTS={DB_INSTANCE}"]
+    pivotal = [f"--INSTANCE_PROMPT={PT_INSTANCE}", f"--VALIDATION_PROMPTS={PT_INSTANCE}", f"--NEW_TOKEN={TOKEN}", "--NEW_TOKEN_INIT_WORD=circle"]
+    runs = {"without prior": run_main(common + plain + [f"--OUTPUT_DIR={root / 'plain'}"]),
+            "with prior": run_main(common + plain + prior + [f"--OUTPUT_DIR={root / 'prior'}"]),
+            "pivotal, with prior": run_main(common + pivotal + prior + [f"--OUTPUT_DIR={root / 'pivotal'}"])}
     pictures = {}
     for name, run in runs.items():
         pipe = lce.load_pipeline_with_lora(run.cfg, run.out, torch.float32)
-        for lora in (False, True) if "base" not in pictures else (True,):
-            (pipe.enable_lora if lora else pipe.disable_lora)()
-            pictures[name if lora else "base"] = {p: lce.render(pipe, run.cfg, [p], SEEDS) for p in (DB_INSTANCE, DB_CLASS)}
+        subject_prompt = run.cfg.INSTANCE_PROMPT
+        if "base" not in pictures:
+            pipe.disable_lora()
+            pictures["base"] = {"subject": lce.render(pipe, run.cfg, [subject_prompt], SEEDS), "class": lce.render(pipe, run.cfg, [DB_CLASS], SEEDS)}
+        if run.cfg.NEW_TOKEN:
+            pipe.disable_lora()
+            pictures["token alone"] = {"subject": lce.render(pipe, run.cfg, [subject_prompt], SEEDS)}
+        pipe.enable_lora()
+        pictures[name] = {"subject": lce.render(pipe, run.cfg, [subject_prompt], SEEDS), "class": lce.render(pipe, run.cfg, [DB_CLASS], SEEDS)}
     return runs, pictures
 
 
@@ -259,27 +285,28 @@ def test_shapes_subject_is_learned(shapes_runs):
     from lora_tools.shapes import score
 
     _, pictures = shapes_runs
-    base = score(pictures["base"][DB_INSTANCE], [SUBJECT] * len(SEEDS))
-    for name in ("without prior", "with prior"):
-        tuned = score(pictures[name][DB_INSTANCE], [SUBJECT] * len(SEEDS))
-        print(f"{name}: subject prompt drawn purple {base['colour']:.0%} -> {tuned['colour']:.0%}, all right {tuned['all']:.0%}")
-        assert base["colour"] == 0 and tuned["colour"] >= 0.75
+    scores = {name: score(p["subject"], [SUBJECT] * len(SEEDS)) for name, p in pictures.items()}
+    print("subject prompt, drawn purple / all three right:",
+          {name: f"{s['colour']:.0%} / {s['all']:.0%}" for name, s in scores.items()})
+    assert scores["base"]["colour"] <= 0.25
+    for name in ("without prior", "with prior", "pivotal, with prior"):
+        assert scores[name]["colour"] >= 0.75, (name, scores[name])
 
 
 def test_shapes_prior_preservation_keeps_the_class_prompt_closer_to_the_base_model(shapes_runs):
-    """Language drift (Ruiz et al. Sec. 3.3): after learning "a zwx circle", how far do the pictures of
-    "a circle" move from the base model's own, same seeds; and how many turn purple (the subject)?"""
+    """Language drift (Ruiz et al. Sec. 3.3): after learning "a zwx circle ...", how far do the pictures
+    of "a circle ..." move from the base model's own at the same seeds, and how many turn purple?"""
     import numpy as np
 
     from lora_tools.shapes import describe
 
     _, pictures = shapes_runs
-    base = [png(im) for im in pictures["base"][DB_CLASS]]
+    base = [png(im) for im in pictures["base"]["class"]]
     drift, purple = {}, {}
-    for name in ("without prior", "with prior"):
-        tuned = pictures[name][DB_CLASS]
+    for name in ("without prior", "with prior", "pivotal, with prior"):
+        tuned = pictures[name]["class"]
         drift[name] = float(np.mean([np.abs(png(im) - b).mean() for im, b in zip(tuned, base)]))
-        purple[name] = np.mean([describe(im)[1] == "purple" for im in tuned])
-    print(f"class prompt, mean |pixel - base pixel|: {drift}; drawn purple: {purple}")
+        purple[name] = float(np.mean([describe(im)[1] == "purple" for im in tuned]))
+    print(f"class prompt, mean |pixel - base pixel| (0-255): {drift}; drawn purple: {purple}")
     assert drift["with prior"] < drift["without prior"]
     assert purple["with prior"] <= purple["without prior"]
