@@ -73,7 +73,7 @@ TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP
 INSTANCE_PROMPT = None  # e.g. "a photo of <zwx> dog": every training image trains with this prompt (captions not needed); None = captions
 CLASS_PROMPT = None  # e.g. "a photo of a dog": prior preservation on the base model's own pictures of the class; None = off
 CLASS_DATA_DIR = None  # the class pictures: reused if there, drawn by the base model if missing; None = OUTPUT_DIR/class_images
-NUM_CLASS_IMAGES = 100  # class pictures (Ruiz et al. drew ~1000 for SD; 100-300 is common with LoRA)
+NUM_CLASS_IMAGES = 100  # class pictures, each drawn once (Ruiz et al. 2023: ~1000, "but less can be used"; diffusers' README: 200-300)
 PRIOR_LOSS_WEIGHT = 1.0  # λ in loss = subject loss + λ·class loss (Ruiz et al. Eq. 2 use λ = 1)
 NEW_TOKEN = None  # e.g. "<zwx>": add this token to the tokenizer and learn its embedding with the LoRA (pivotal tuning); None = off
 NUM_NEW_TOKEN_VECTORS = 2  # embedding vectors the new token stands for (diffusers names them <zwx>, <zwx>_1, ...)
