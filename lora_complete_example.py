@@ -863,8 +863,9 @@ def log_validation(cfg, accelerator, unet, text_encoder, step, tokenizer=None):
     if cfg.NEW_TOKEN:  # the tokenizer that knows the new token (the pipeline expands it in the prompts)
         parts["tokenizer"] = tokenizer
     pipe = load_pipeline(cfg, frozen_dtype(unet), **parts).to(accelerator.device)
-    for model in parts.values():
-        model.eval()
+    for model in (parts.get("unet"), parts.get("text_encoder")):
+        if model is not None:
+            model.eval()
     seeds = [cfg.SEED + i for i in range(cfg.NUM_VALIDATION_SEEDS)]
     with accelerator.autocast():
         images = render(pipe, cfg, cfg.VALIDATION_PROMPTS, seeds)

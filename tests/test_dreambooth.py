@@ -129,10 +129,12 @@ def test_pivotal_tuning_trains_only_the_new_rows_and_the_lora(make_cfg, load_tin
 @pytest.fixture(scope="module")
 def dreambooth_runs(tmp_path_factory, tiny_args):
     """A: prior preservation + pivotal tuning, 6 steps, a checkpoint every 2 (BATCH_SIZE 3, accumulation 2:
-    step 4 is mid-epoch). B: A resumed from checkpoint-4 in another folder, with A's class pictures."""
+    step 4 is mid-epoch), validation pictures at step 3, the merged pipeline. B: A resumed from
+    checkpoint-4 in another folder, with A's class pictures."""
     root = tmp_path_factory.mktemp("dreambooth")
     argv = dreambooth_args(tiny_args, "--BATCH_SIZE=3", "--GRADIENT_ACCUMULATION_STEPS=2", "--MAX_TRAIN_STEPS=6",
-                           "--CHECKPOINTING_STEPS=2", "--LOG_EVERY=1", f"--CLASS_DATA_DIR={root / 'class'}", "--SAVE_MERGED_MODEL=True")
+                           "--CHECKPOINTING_STEPS=2", "--LOG_EVERY=1", f"--CLASS_DATA_DIR={root / 'class'}", "--SAVE_MERGED_MODEL=True",
+                           "--VALIDATION_STEPS=3")
     a = run_main(argv + [f"--OUTPUT_DIR={root / 'A'}"])
     class_files = {f: os.path.getmtime(os.path.join(root, "class", f)) for f in os.listdir(root / "class")}
     b = run_main(argv + [f"--OUTPUT_DIR={root / 'B'}", f"--RESUME_FROM={os.path.join(a.out, 'checkpoint-4')}"])
@@ -154,6 +156,7 @@ def test_files_hold_the_lora_and_the_token_apart(dreambooth_runs):
     emb, _ = read_safetensors(os.path.join(out, EMB_NAME))
     assert list(emb) == ["emb_params"] and emb["emb_params"].shape == (N_VECTORS, 32)
     assert "only latents are cached" in dreambooth_runs["a"].log
+    assert os.path.isfile(os.path.join(out, "validation", "step-000003.png"))  # mid-training pictures with the token
 
 
 def test_plain_diffusers_reproduces_test_generation(dreambooth_runs, tiny_model_dir):
