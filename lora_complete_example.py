@@ -16,13 +16,18 @@ Usage (every constant below can be overridden as --NAME=value, spelled exactly l
     # pick the GPU, your own images (a folder with metadata.jsonl or .txt captions), other knobs
     CUDA_VISIBLE_DEVICES=1 python lora_complete_example.py --DATA_DIR=./my_images --LORA_RANK=8
 
+    # one subject from a few pictures: DreamBooth with prior preservation, and a new token learned with the LoRA
+    python lora_complete_example.py --DATA_DIR=./my_dog --INSTANCE_PROMPT="a photo of <zwx> dog" --CLASS_PROMPT="a photo of a dog" --NEW_TOKEN="<zwx>"
+
     # several GPUs, data-parallel
     accelerate launch --multi_gpu --num_processes 2 lora_complete_example.py
 
 Writes to OUTPUT_DIR: pytorch_lora_weights.safetensors (the adapter in diffusers' format, with its
 rank/alpha metadata), <OUTPUT_NAME>.safetensors (the same adapter for Stable Diffusion WebUI and
 ComfyUI), training_config.json, test_generation.png, comparison.png (without/with the LoRA),
-metrics.jsonl + loss_curve.png, rank_spectrum.png, and checkpoint-<step>/ folders to resume from.
+metrics.jsonl + loss_curve.png, rank_spectrum.png, and checkpoint-<step>/ folders to resume from;
+with NEW_TOKEN also <OUTPUT_NAME>_emb.safetensors (the token's embedding, for load_textual_inversion),
+with CLASS_PROMPT the class pictures in class_images/.
 The numbered sections follow diffusion_lora_finetuning_tutorial.md chapter 4.
 """
 import json
@@ -64,6 +69,16 @@ USE_DORA = False  # DoRA (Liu et al. 2024): also learn each output feature's mag
 USE_RSLORA = False  # rsLoRA (Kalajdzievski 2023): scale by α/√r instead of α/r, so high ranks keep learning
 TRAIN_TEXT_ENCODER = False  # also put LoRA on the CLIP text encoder (prompts can't then be cached)
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention projections
+# dreambooth: one subject from a few pictures (Ruiz et al. 2023), and pivotal tuning (a new token learned with the LoRA)
+INSTANCE_PROMPT = None  # e.g. "a photo of <zwx> dog": every training image trains with this prompt (captions not needed); None = captions
+CLASS_PROMPT = None  # e.g. "a photo of a dog": prior preservation on the base model's own pictures of the class; None = off
+CLASS_DATA_DIR = None  # the class pictures: reused if there, drawn by the base model if missing; None = OUTPUT_DIR/class_images
+NUM_CLASS_IMAGES = 100  # class pictures, each drawn once (Ruiz et al. 2023: ~1000, "but less can be used"; diffusers' README: 200-300)
+PRIOR_LOSS_WEIGHT = 1.0  # λ in loss = subject loss + λ·class loss (Ruiz et al. Eq. 2 use λ = 1)
+NEW_TOKEN = None  # e.g. "<zwx>": add this token to the tokenizer and learn its embedding with the LoRA (pivotal tuning); None = off
+NUM_NEW_TOKEN_VECTORS = 2  # embedding vectors the new token stands for (diffusers names them <zwx>, <zwx>_1, ...)
+NEW_TOKEN_INIT_WORD = None  # the new vectors start as this word's embedding (textual inversion starts from a coarse descriptor, e.g. "dog"); None = "object"
+EMBEDDING_LEARNING_RATE = 5e-4  # AdamW step size for the new token's vectors (Gal et al. 2023 train one alone at 0.005 x GPUs x batch; the LoRA learns too here)
 # optimisation
 LEARNING_RATE = 1e-4  # AdamW step size for the LoRA weights (the HF LoRA blog: 1e-4, vs ~1e-6 for full fine-tuning)
 TEXT_ENCODER_LEARNING_RATE = None  # for the text encoder's LoRA; None = LEARNING_RATE
@@ -212,7 +227,7 @@ def load_captioned_images(cfg, show_progress=True):
     from lora_tools.data import CAPTION_COLUMN_GUESSES, IMAGE_COLUMN_GUESSES, HubImages, open_image, pick_column, read_folder
 
     if cfg.DATA_DIR is not None:
-        records = read_folder(cfg.DATA_DIR, cfg.CAPTION_COLUMN, log=print0)
+        records = read_folder(cfg.DATA_DIR, cfg.CAPTION_COLUMN, log=print0, captions_needed=cfg.INSTANCE_PROMPT is None)
         images, captions = [r[0] for r in records], [r[1] for r in records]
     else:
         from datasets import load_dataset
@@ -222,8 +237,10 @@ def load_captioned_images(cfg, show_progress=True):
         except (OSError, ConnectionError) as e:
             raise UserError(explain_load_error("DATASET_NAME", cfg.DATASET_NAME, e)) from None
         image_col = pick_column(ds.column_names, cfg.IMAGE_COLUMN, IMAGE_COLUMN_GUESSES, "images", "IMAGE_COLUMN")
-        caption_col = pick_column(ds.column_names, cfg.CAPTION_COLUMN, CAPTION_COLUMN_GUESSES, "captions", "CAPTION_COLUMN")
-        images, captions = HubImages(ds, image_col), [str(c or "") for c in ds[caption_col]]
+        if cfg.INSTANCE_PROMPT is None:
+            caption_col = pick_column(ds.column_names, cfg.CAPTION_COLUMN, CAPTION_COLUMN_GUESSES, "captions", "CAPTION_COLUMN")
+        images = HubImages(ds, image_col)
+        captions = [str(c or "") for c in ds[caption_col]] if cfg.INSTANCE_PROMPT is None else [""] * len(ds)
     n = len(captions) if cfg.MAX_TRAIN_SAMPLES is None else min(cfg.MAX_TRAIN_SAMPLES, len(captions))
     kept, skipped = [], []
     for i in tqdm(range(n), desc="checking images", disable=not show_progress):
@@ -241,6 +258,30 @@ def load_captioned_images(cfg, show_progress=True):
         print0(f"skipped {len(skipped)} unreadable image(s) of {n}: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}; "
                f"training on {len(kept)}")
     return [images[i] for i in kept], [captions[i] for i in kept]
+
+
+def subject_captions(cfg, captions):
+    """DreamBooth (Ruiz et al. 2023, Sec. 3.2): every picture of the subject is "a [identifier] [class noun]",
+    INSTANCE_PROMPT, whatever its caption. With NEW_TOKEN the captions must name the token, or it never trains."""
+    if cfg.INSTANCE_PROMPT is not None:
+        return [cfg.INSTANCE_PROMPT] * len(captions)
+    if cfg.NEW_TOKEN is not None and not any(cfg.NEW_TOKEN in c for c in captions):
+        raise UserError(f"NEW_TOKEN {cfg.NEW_TOKEN!r} appears in no caption, so it would never be trained — "
+                        f"write it into the captions, or set --INSTANCE_PROMPT='a photo of {cfg.NEW_TOKEN} dog'")
+    return captions
+
+
+def class_image_paths(cfg, accelerator, dtype):
+    """Prior preservation (Ruiz et al. 2023, Sec. 3.3): NUM_CLASS_IMAGES pictures of CLASS_PROMPT drawn by
+    the frozen base model itself, once (image i from seed SEED + i); a rerun, or your own folder, reuses them."""
+    from lora_tools.dreambooth import class_images
+
+    folder = cfg.CLASS_DATA_DIR or os.path.join(cfg.OUTPUT_DIR, "class_images")
+    make_pipeline = lambda: load_pipeline(cfg, dtype).to(accelerator.device)  # noqa: E731  (loaded only if some are missing)
+    draw = lambda pipe, seed: render(pipe, cfg, [cfg.CLASS_PROMPT], [seed])[0]  # noqa: E731
+    with accelerator.main_process_first():  # drawn once, by the main process; the others then find them there
+        return class_images(folder, cfg.NUM_CLASS_IMAGES, make_pipeline, draw, cfg.CLASS_PROMPT, cfg.SEED,
+                            show_progress=accelerator.is_local_main_process, log=print0)
 
 
 # =============================================================================
@@ -296,12 +337,14 @@ def frozen_dtype(model):
 #     B = nn.Linear(r, d_out, bias=False)   # zero init, so B·A = 0: training starts exactly at W0
 #
 # so h = W0·x + (α/r)·B·A·x, and only A and B (r·(d_in + d_out) numbers per layer) are trained.
-def lora_config_from(cfg, target_modules):
+def lora_config_from(cfg, target_modules, token_ids=None):
+    """token_ids (pivotal tuning, text encoder only): these rows of the token embedding train too."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.LORA_RANK, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
                       init_lora_weights="gaussian", target_modules=list(target_modules),
-                      use_dora=cfg.USE_DORA, use_rslora=cfg.USE_RSLORA)
+                      use_dora=cfg.USE_DORA, use_rslora=cfg.USE_RSLORA,
+                      trainable_token_indices={"token_embedding": token_ids} if token_ids else None)
 
 
 def check_target_modules(model, targets, setting):
@@ -315,21 +358,74 @@ def check_target_modules(model, targets, setting):
                         f"are {attention} — e.g. --{setting}={','.join(attention)}")
 
 
-def add_lora(model, cfg, target_modules, setting="TARGET_MODULES"):
+def add_lora(model, cfg, target_modules, setting="TARGET_MODULES", token_ids=None):
     """Wrap each target Linear of `model` (the UNet or the CLIP text encoder) with a LoRA branch.
     Returns the new trainable tensors, in fp32 whatever dtype the frozen weights have."""
     from diffusers.training_utils import cast_training_params
     from peft import inject_adapter_in_model
 
     check_target_modules(model, target_modules, setting)
-    config = lora_config_from(cfg, target_modules)
+    config = lora_config_from(cfg, target_modules, token_ids)
     if hasattr(model, "load_lora_adapter"):  # diffusers' models: add_adapter also registers the adapter by name
         model.add_adapter(config)
     else:  # transformers' add_adapter wants PEFT >= 0.22; PEFT's own injection does the same thing
         inject_adapter_in_model(config, model, adapter_name="default")
     # fp32 master weights: bf16 has 8 bits of mantissa, too few for small updates
     cast_training_params(model, dtype=torch.float32)
-    return [p for p in model.parameters() if p.requires_grad]
+    return [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]  # (not NEW_TOKEN's rows)
+
+
+# --- pivotal tuning: a new token, its embedding learned together with the LoRA ---------------------
+# Textual inversion (Gal et al. 2023, Eq. 2) learns a new word's embedding v* with the model frozen;
+# pivotal tuning (named after Roich et al. 2021; for SD LoRAs cloneofsimo/lora, Dec 2022) learns it
+# together with the LoRA. The token gets NUM_NEW_TOKEN_VECTORS rows of the embedding table; PEFT's
+# trainable tokens train those rows only (a small (n, d) tensor swapped in at lookup), so every other
+# row stays bit-identical and no 49408 x 768 gradient is ever made.
+def add_new_token(tokenizer, text_encoder, cfg):
+    """NEW_TOKEN -> n new tokenizer entries <t>, <t>_1, ... (diffusers' names), their embedding rows set
+    to NEW_TOKEN_INIT_WORD's embedding. Unless TRAIN_TEXT_ENCODER (then add_lora makes them trainable
+    with its LoRA), PEFT's trainable tokens are put on those rows now. Returns their token ids."""
+    from diffusers.training_utils import cast_training_params
+    from peft import TrainableTokensConfig, inject_adapter_in_model
+
+    from lora_tools.dreambooth import token_names
+
+    names = token_names(cfg.NEW_TOKEN, cfg.NUM_NEW_TOKEN_VECTORS)
+    if tokenizer.add_tokens(names) != len(names):
+        raise UserError(f"NEW_TOKEN {cfg.NEW_TOKEN!r} (or one of {names}) is already in the tokenizer — pick a new string, e.g. '<zwx>'")
+    ids = tokenizer.convert_tokens_to_ids(names)
+    init_word = cfg.NEW_TOKEN_INIT_WORD or "object"
+    init_ids = tokenizer(init_word, add_special_tokens=False).input_ids  # usually one token; a rare word gives several
+    rows = max(len(tokenizer), text_encoder.get_input_embeddings().num_embeddings)  # (never shrink a padded table)
+    text_encoder.resize_token_embeddings(rows, mean_resizing=False)  # a new, larger table: frozen again below
+    table = text_encoder.get_input_embeddings().weight  # (vocab + n, d)
+    table.requires_grad_(False)
+    with torch.no_grad():  # Gal et al. 2023, Sec. 3: start from a coarse descriptor of the concept
+        table[ids] = table[init_ids].float().mean(0).to(table.dtype)
+    if not cfg.TRAIN_TEXT_ENCODER:
+        inject_adapter_in_model(TrainableTokensConfig(target_modules=["token_embedding"], token_indices=ids), text_encoder, adapter_name="default")
+        cast_training_params(text_encoder, dtype=torch.float32)
+    print0(f"pivotal tuning: {cfg.NEW_TOKEN!r} = {' '.join(names)} (token ids {ids}), {len(ids)} x {table.shape[1]} numbers "
+           f"starting as the embedding of {init_word!r}, learned at EMBEDDING_LEARNING_RATE={cfg.EMBEDDING_LEARNING_RATE:g}")
+    return ids
+
+
+def new_token_vectors(text_encoder):
+    """The new token's learned rows (n, d): PEFT's trainable_tokens_delta (despite its name, the rows themselves)."""
+    return next(p for n, p in text_encoder.named_parameters() if "trainable_tokens_delta" in n)
+
+
+def text_encoder_trains(cfg):
+    """Whether the text encoder's output changes during training (its LoRA, or a new token's embedding)."""
+    return cfg.TRAIN_TEXT_ENCODER or cfg.NEW_TOKEN is not None
+
+
+def encoder_prompts(cfg, prompts):
+    """Prompts as the text encoder must see them: NEW_TOKEN stands for all its n vectors (what diffusers'
+    maybe_convert_prompt does at inference once load_textual_inversion has added them)."""
+    from lora_tools.dreambooth import expand_token
+
+    return [expand_token(p, cfg.NEW_TOKEN, cfg.NUM_NEW_TOKEN_VECTORS) for p in prompts] if cfg.NEW_TOKEN else list(prompts)
 
 
 # =============================================================================
@@ -414,7 +510,7 @@ def cache_latents(dataset, vae, text_encoder, cfg, show_progress=True):
         moments = [encode_images(vae, v) for v in ([px, px.flip(-1)] if cfg.RANDOM_FLIP else [px])]
         means.append(torch.stack([m for m, _ in moments], 1).cpu())  # (B, views, 4, h, w)
         stds.append(torch.stack([s for _, s in moments], 1).cpu())
-        if not cfg.TRAIN_TEXT_ENCODER:  # a trained text encoder changes its output every step: no cache
+        if not text_encoder_trains(cfg):  # a trained text encoder (or token) changes its output every step: no cache
             embs.append(encode_text(text_encoder, batch["input_ids"]).cpu())  # (B, 77, d)
     # not pinned: the DataLoader collates a new tensor per batch and pins that one (pin_memory=True)
     return CachedLatents(torch.cat(means), torch.cat(stds), torch.cat(embs) if embs else None, dataset.input_ids)
@@ -442,12 +538,15 @@ class EpochShuffle(torch.utils.data.Sampler):
 
 
 def make_dataloader(dataset, cfg, cuda):
+    from lora_tools.dreambooth import PairedImages, collate_pairs
+
     workers = cfg.DATALOADER_NUM_WORKERS
     if workers is None:  # cached latents are a tensor lookup; images need decoding
         workers = 0 if cfg.CACHE_LATENTS else min(4, max(0, (os.cpu_count() or 1) - 1))
     sampler = EpochShuffle(len(dataset), cfg.SEED, cfg.RANDOM_FLIP)
+    pairs = isinstance(dataset, PairedImages)  # prior preservation: BATCH_SIZE subject + BATCH_SIZE class examples
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=sampler, num_workers=workers,
-                                       pin_memory=cuda, persistent_workers=workers > 0)
+                                       pin_memory=cuda, persistent_workers=workers > 0, collate_fn=collate_pairs if pairs else None)
 
 
 # =============================================================================
@@ -463,10 +562,22 @@ def min_snr_weights(noise_scheduler, t, gamma):
     return clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
 
 
-def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_encoder=None, snr_gamma=None, noise_offset=0.0):
+def prior_preservation_weights(is_prior, prior_loss_weight):
+    """DreamBooth's loss (Ruiz et al. 2023, Sec. 3.3, Eq. 2) = subject loss + λ·class loss, each a mean
+    over its own examples, as per-example weights of one batch mean: N/n_subject for a subject
+    example, λ·N/n_class for a class example (N = batch size). Per micro-batch and per process, so
+    gradient accumulation and data parallelism average exactly this loss. is_prior: (N,) bool."""
+    n, n_prior = len(is_prior), int(is_prior.sum())
+    subject, prior = n / (n - n_prior), prior_loss_weight * n / n_prior  # collate_pairs: always half and half
+    return torch.where(is_prior, prior, subject).to(torch.float32)
+
+
+def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_encoder=None, snr_gamma=None, noise_offset=0.0,
+                 example_weights=None):
     """One denoising-loss evaluation: batch -> z0, c -> noise -> z_t -> prediction -> MSE.
     A cached batch carries the encoders' outputs; otherwise the frozen encoders run now
-    (what most trainers do at every step, though their output never changes)."""
+    (what most trainers do at every step, though their output never changes).
+    example_weights (B,): each example's loss is multiplied by its weight before the batch mean."""
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"], batch["latent_std"]
     else:
@@ -489,10 +600,14 @@ def compute_loss(batch, unet, noise_scheduler, scaling_factor, vae=None, text_en
         target = noise_scheduler.get_velocity(latents, noise, t)  # v = √ᾱ_t·ε − √(1-ᾱ_t)·z0 (Salimans & Ho 2022)
     else:
         raise UserError(f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
-    if snr_gamma is None:
+    if snr_gamma is None and example_weights is None:
         return mse_loss(model_pred.float(), target.float(), reduction="mean")  # in fp32 whatever the autocast
     per_image = mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-    return (per_image * min_snr_weights(noise_scheduler, t, snr_gamma)).mean()
+    if snr_gamma is not None:
+        per_image = per_image * min_snr_weights(noise_scheduler, t, snr_gamma)
+    if example_weights is not None:  # prior preservation: 1 for the subject, λ for the class, normalised per half
+        per_image = per_image * example_weights.to(per_image.device)
+    return per_image.mean()
 
 
 def make_optimizer(models, cfg, cuda):
@@ -502,8 +617,12 @@ def make_optimizer(models, cfg, cuda):
     groups = []
     for model, lr in models:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        token = [p for n, p in named if "trainable_tokens_delta" in n]  # NEW_TOKEN's rows (pivotal tuning)
+        named = [(n, p) for n, p in named if "trainable_tokens_delta" not in n]
         groups.append({"params": [p for n, p in named if "lora_B" not in n], "lr": lr})  # A (and DoRA's magnitudes)
         groups.append({"params": [p for n, p in named if "lora_B" in n], "lr": lr * (cfg.LORAPLUS_LR_RATIO or 1.0)})
+        # no weight decay on the token: it would pull the vectors towards 0, not towards any word
+        groups.append({"params": token, "lr": cfg.EMBEDDING_LEARNING_RATE, "weight_decay": 0.0})
     groups = [g for g in groups if g["params"]]
     if cfg.USE_8BIT_ADAM:
         import bitsandbytes as bnb  # check_environment made sure it is installed
@@ -522,11 +641,17 @@ def save_training_checkpoint(cfg, step, unet, text_encoder, optimizer, lr_schedu
     from accelerate.utils import gather_object
 
     from lora_tools.checkpoint import rng_states, save_checkpoint
+    from lora_tools.dreambooth import save_embedding
 
     rngs = gather_object([rng_states()])  # [process 0's, process 1's, ...] on every process
     if not accelerator.is_main_process:
         return None
-    write = lambda p: save_lora(p, unet, cfg, text_encoder, dtype=torch.float32)  # noqa: E731
+
+    def write(folder):  # fp32, so that resuming is exact
+        save_lora(os.path.join(folder, WEIGHTS_NAME), unet, cfg, text_encoder if cfg.TRAIN_TEXT_ENCODER else None, dtype=torch.float32)
+        if cfg.NEW_TOKEN:
+            save_embedding(os.path.join(folder, embedding_name(cfg)), new_token_vectors(text_encoder))
+
     return save_checkpoint(cfg.OUTPUT_DIR, step, write, optimizer, lr_scheduler, accelerator.scaler, rngs,
                            {"global_step": step}, cfg.to_json(), cfg.CHECKPOINTS_TOTAL_LIMIT)
 
@@ -541,7 +666,8 @@ def restore_checkpoint(path, cfg, unet, text_encoder, optimizer, lr_scheduler, a
 
     lora, state, old = load_checkpoint(path)
     now = cfg.as_dict()
-    for key in ("LORA_RANK", "TARGET_MODULES", "USE_DORA", "TRAIN_TEXT_ENCODER", "TEXT_ENCODER_TARGET_MODULES"):
+    for key in ("LORA_RANK", "TARGET_MODULES", "USE_DORA", "TRAIN_TEXT_ENCODER", "TEXT_ENCODER_TARGET_MODULES", "NEW_TOKEN",
+                "NUM_NEW_TOKEN_VECTORS"):
         before = old.get(key, globals()[key])  # a key the checkpoint lacks had its default then
         if before != now[key]:
             raise UserError(f"{path} was trained with {key}={before!r}, this run has {now[key]!r} — use the same --{key} to resume")
@@ -559,6 +685,11 @@ def restore_checkpoint(path, cfg, unet, text_encoder, optimizer, lr_scheduler, a
         result = set_peft_model_state_dict(model, sd, adapter_name="default")
         if getattr(result, "unexpected_keys", None):
             raise UserError(f"{path} does not match this model: unexpected keys such as {result.unexpected_keys[0]}")
+    if cfg.NEW_TOKEN:  # the new token's rows, as they were at that step
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            new_token_vectors(text_encoder).copy_(load_file(os.path.join(path, embedding_name(cfg)))["emb_params"])
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if accelerator.scaler is not None and state["scaler"] is not None:
@@ -624,7 +755,7 @@ class MetricsLog:
 
 
 def train(cfg, accelerator, unet, text_encoder, train_models, optimizer, lr_scheduler, dataloader, noise_scheduler,
-          scaling_factor, max_steps, start_step=0, resume_rng=None, vae=None, argv=()):
+          scaling_factor, max_steps, start_step=0, resume_rng=None, vae=None, argv=(), tokenizer=None):
     """The training loop. train_models: the models being trained as accelerate prepared them (DDP /
     compiled wrappers around `unet` and `text_encoder`). Returns the number of optimizer steps done."""
     from tqdm.auto import tqdm
@@ -653,8 +784,10 @@ def train(cfg, accelerator, unet, text_encoder, train_models, optimizer, lr_sche
                 resuming = False
             for batch in batches:
                 with accelerator.accumulate(*train_models):  # the optimizer steps on the last micro-batch only
+                    # DreamBooth: the batch holds subject and class examples; Eq. 2 weighs their two means 1 : λ
+                    weights = prior_preservation_weights(batch["is_prior"], cfg.PRIOR_LOSS_WEIGHT) if "is_prior" in batch else None
                     loss = compute_loss(batch, train_unet, noise_scheduler, scaling_factor, vae, train_te,
-                                        snr_gamma=cfg.SNR_GAMMA, noise_offset=cfg.NOISE_OFFSET)  # noise -> predict -> loss
+                                        snr_gamma=cfg.SNR_GAMMA, noise_offset=cfg.NOISE_OFFSET, example_weights=weights)  # noise -> predict -> loss
                     accelerator.backward(loss)  # gradients reach A and B only (fp16: the loss is scaled first)
                     if accelerator.sync_gradients and cfg.MAX_GRAD_NORM is not None:
                         accelerator.clip_grad_norm_(lora_params, cfg.MAX_GRAD_NORM)  # a list, not a spent generator
@@ -679,7 +812,7 @@ def train(cfg, accelerator, unet, text_encoder, train_models, optimizer, lr_sche
                                         "no weights were written, earlier checkpoints are kept")
                 if cfg.VALIDATION_STEPS and step % cfg.VALIDATION_STEPS == 0 and step < max_steps:
                     if accelerator.is_main_process:
-                        progress.write(f"validation images: {log_validation(cfg, accelerator, unet, text_encoder, step)}")
+                        progress.write(f"validation images: {log_validation(cfg, accelerator, unet, text_encoder, step, tokenizer)}")
                     for m in train_models:
                         m.train()
                 periodic = bool(cfg.CHECKPOINTING_STEPS) and step % cfg.CHECKPOINTING_STEPS == 0
@@ -721,15 +854,18 @@ def peak_memory_text(accelerator, phase):
 
 
 @torch.no_grad()
-def log_validation(cfg, accelerator, unet, text_encoder, step):
+def log_validation(cfg, accelerator, unet, text_encoder, step, tokenizer=None):
     """Mid-training pictures: the model being trained, wrapped in a pipeline (VAE and, unless trained,
     text encoder reloaded from MODEL_ID), rendering VALIDATION_PROMPTS into validation/step-<N>.png."""
     from lora_tools.pictures import image_grid
 
-    parts = dict(unet=unet, text_encoder=text_encoder) if cfg.TRAIN_TEXT_ENCODER else dict(unet=unet)
+    parts = dict(unet=unet, text_encoder=text_encoder) if text_encoder_trains(cfg) else dict(unet=unet)
+    if cfg.NEW_TOKEN:  # the tokenizer that knows the new token (the pipeline expands it in the prompts)
+        parts["tokenizer"] = tokenizer
     pipe = load_pipeline(cfg, frozen_dtype(unet), **parts).to(accelerator.device)
-    for model in parts.values():
-        model.eval()
+    for model in (parts.get("unet"), parts.get("text_encoder")):
+        if model is not None:
+            model.eval()
     seeds = [cfg.SEED + i for i in range(cfg.NUM_VALIDATION_SEEDS)]
     with accelerator.autocast():
         images = render(pipe, cfg, cfg.VALIDATION_PROMPTS, seeds)
@@ -746,6 +882,16 @@ def log_validation(cfg, accelerator, unet, text_encoder, step):
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
+def without_token_rows(peft_state_dict):
+    """A PEFT state dict minus NEW_TOKEN's rows (…token_embedding[.token_adapter].trainable_tokens_delta):
+    they go to their own file, <OUTPUT_NAME>_emb.safetensors, which is what diffusers, WebUI and ComfyUI load."""
+    return {k: v for k, v in peft_state_dict.items() if "trainable_tokens" not in k}
+
+
+def embedding_name(cfg):
+    return f"{cfg.OUTPUT_NAME}_emb.safetensors"
+
+
 def lora_state_dict(unet, text_encoder=None, dtype=torch.float32):
     """The LoRA tensors under diffusers' key names ('unet.' / 'text_encoder.' prefixes), on the CPU."""
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -754,7 +900,7 @@ def lora_state_dict(unet, text_encoder=None, dtype=torch.float32):
     tensors = {}
     for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
         if model is not None:
-            sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            sd = convert_state_dict_to_diffusers(without_token_rows(get_peft_model_state_dict(model)))
             tensors.update({f"{prefix}.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()})
     return tensors
 
@@ -766,6 +912,7 @@ def lora_file_metadata(unet, cfg, text_encoder=None):
     for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
         if model is not None:
             config = model.peft_config["default"].to_dict()
+            config.pop("trainable_token_indices", None)  # NEW_TOKEN's rows are not in this file (see without_token_rows)
             lora_meta.update({f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()})
     return {"format": "pt", "lora_adapter_metadata": json.dumps(lora_meta, sort_keys=True, default=str),
             "training_config": cfg.to_json()}
@@ -833,7 +980,7 @@ def save_webui_file(cfg, unet, text_encoder, steps, num_images, t_start):
     if cfg.USE_DORA:
         print0("note: USE_DORA=True — no WebUI/ComfyUI file written (their DoRA key conventions differ); use the diffusers file")
         return None
-    te_sd = get_peft_model_state_dict(text_encoder) if text_encoder is not None else {}
+    te_sd = without_token_rows(get_peft_model_state_dict(text_encoder)) if text_encoder is not None else {}
     info = dict(cfg.as_dict(), steps=steps, num_images=num_images, started_at=t_start, finished_at=time.time())
     path = os.path.join(cfg.OUTPUT_DIR, f"{cfg.OUTPUT_NAME}.safetensors")
     # kohya files always mean an α/r scale; with rsLoRA (α/√r) the file carries α' = α·√r
@@ -843,15 +990,22 @@ def save_webui_file(cfg, unet, text_encoder, steps, num_images, t_start):
 
 
 def save_and_check(cfg, accelerator, unet, text_encoder, vae_scale, steps, num_images, t_start):
-    """The adapter files, the config, the reload check, and the pictures of the run itself."""
+    """The adapter files, the config, the reload check, and the pictures of the run itself.
+    text_encoder: the trained text encoder (its LoRA and/or NEW_TOKEN's rows), or None."""
+    from lora_tools.dreambooth import save_embedding
     from lora_tools.pictures import lora_updates, read_metrics, save_loss_curve, save_spectrum_plot, spectrum_table
 
     weights_path = os.path.join(cfg.OUTPUT_DIR, WEIGHTS_NAME)
-    n = save_lora(weights_path, unet, cfg, text_encoder)
-    kohya_path = save_webui_file(cfg, unet, text_encoder, steps, num_images, t_start)
+    lora_te = text_encoder if cfg.TRAIN_TEXT_ENCODER else None
+    n = save_lora(weights_path, unet, cfg, lora_te)
+    kohya_path = save_webui_file(cfg, unet, lora_te, steps, num_images, t_start)
     atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "training_config.json"), cfg.to_json() + "\n")
     print0(f"saved {n:,} LoRA parameters to {weights_path} ({os.path.getsize(weights_path) / 1e6:.2f} MB, {cfg.SAVE_DTYPE})"
            + (f" and {kohya_path} (WebUI/ComfyUI keys)" if kohya_path else ""))
+    if cfg.NEW_TOKEN:  # textual-inversion file: {"emb_params": (n, d)}, for load_textual_inversion and WebUI/ComfyUI's embeddings/
+        emb_path = os.path.join(cfg.OUTPUT_DIR, embedding_name(cfg))
+        save_embedding(emb_path, new_token_vectors(text_encoder), SAVE_DTYPES[cfg.SAVE_DTYPE])
+        print0(f"saved the embedding of {cfg.NEW_TOKEN!r} ({cfg.NUM_NEW_TOKEN_VECTORS} vectors) to {emb_path}")
     check_saved_lora(unet, weights_path, cfg, vae_scale, accelerator.autocast)
     # a look inside the adapter: how many directions each learned update ΔW = (α/r)·B·A really uses
     if cfg.USE_DORA:
@@ -882,7 +1036,7 @@ def load_pipeline(cfg, dtype, **parts):
 
 
 def load_pipeline_with_lora(cfg, weights_dir, dtype, weight_name=WEIGHTS_NAME):
-    """load_pipeline + load_lora_weights: plain diffusers, nothing of ours."""
+    """load_pipeline + load_lora_weights (+ load_textual_inversion with NEW_TOKEN): plain diffusers, nothing of ours."""
     import logging
 
     pipe = load_pipeline(cfg, dtype)
@@ -894,6 +1048,15 @@ def load_pipeline_with_lora(cfg, weights_dir, dtype, weight_name=WEIGHTS_NAME):
         pipe.load_lora_weights(weights_dir, weight_name=weight_name)
     finally:
         logger.removeFilter(no_text_encoder_notice)
+    if cfg.NEW_TOKEN:  # adds <t>, <t>_1, ... to the tokenizer; pipe(prompt) then expands <t> into all of them
+        # transformers announces how it fills the new rows, which diffusers then overwrites: drop that line only
+        no_resize_notice = lambda record: "mean_resizing" not in record.getMessage()  # noqa: E731
+        logger = logging.getLogger("transformers.modeling_utils")
+        logger.addFilter(no_resize_notice)
+        try:
+            pipe.load_textual_inversion(os.path.join(weights_dir, embedding_name(cfg)), token=cfg.NEW_TOKEN)
+        finally:
+            logger.removeFilter(no_resize_notice)
     return pipe
 
 
@@ -921,6 +1084,8 @@ def reproduce_recipe(cfg, dtype, device):
     lines = [f"import torch; from diffusers import {'AutoencoderKL, ' if fp32_vae else ''}StableDiffusionPipeline",
              f"pipe = StableDiffusionPipeline.from_pretrained({cfg.MODEL_ID!r}, dtype={dtype}, {vae}safety_checker=None).to({str(device)!r})",
              f"pipe.load_lora_weights({cfg.OUTPUT_DIR!r})"]
+    if cfg.NEW_TOKEN:
+        lines.append(f"pipe.load_textual_inversion({os.path.join(cfg.OUTPUT_DIR, embedding_name(cfg))!r}, token={cfg.NEW_TOKEN!r})")
     call = (f"pipe({cfg.VALIDATION_PROMPTS[0]!r}, height={cfg.RESOLUTION}, width={cfg.RESOLUTION}, "
             f"num_inference_steps={cfg.NUM_INFERENCE_STEPS}, guidance_scale={cfg.GUIDANCE_SCALE}, "
             f"generator=torch.Generator().manual_seed({cfg.SEED})")
@@ -974,12 +1139,17 @@ def generate(cfg, accelerator, dtype):
 
         notes = concept_report(pipe, seeds=[0, 1, 2, 3], steps=cfg.NUM_INFERENCE_STEPS, guidance_scale=cfg.GUIDANCE_SCALE,
                                log=print0, path=os.path.join(cfg.OUTPUT_DIR, "concept_scores.json"))
-    # comparison.png: the same prompts and seed without (top) and with (bottom) the LoRA
+    # comparison.png: the same prompts and seed without (top) and with (bottom) the LoRA; DreamBooth
+    # adds the subject's prompt and the class prompt (does the class still look like the base model's?)
+    prompts = list(dict.fromkeys([p for p in (cfg.INSTANCE_PROMPT, cfg.CLASS_PROMPT) if p] + list(cfg.VALIDATION_PROMPTS)))
+    token = " + token" if cfg.NEW_TOKEN else ""  # the learned token is no LoRA: disable_lora keeps it
     pipe.disable_lora()
-    base = render(pipe, cfg, cfg.VALIDATION_PROMPTS, [cfg.SEED])
+    base = render(pipe, cfg, prompts, [cfg.SEED])
     pipe.enable_lora()
-    tuned = render(pipe, cfg, cfg.VALIDATION_PROMPTS, [cfg.SEED])
-    save_png(comparison_image({"base model": base, "base + LoRA": tuned}, list(cfg.VALIDATION_PROMPTS), notes),
+    tuned = render(pipe, cfg, prompts, [cfg.SEED])
+    rows = {f"base model{token}": base, f"base{token} + LoRA": tuned}
+    notes = dict(zip(rows, notes.values())) if notes else None
+    save_png(comparison_image(rows, prompts, notes),
              os.path.join(cfg.OUTPUT_DIR, "comparison.png"))
     del pipe
     if cfg.SAVE_MERGED_MODEL:
@@ -1005,12 +1175,15 @@ def main(argv):
     resume_path = resolve_resume(cfg.RESUME_FROM, cfg.OUTPUT_DIR)
     if cfg.RESUME_FROM == "latest" and resume_path is None:
         print0(f"RESUME_FROM=latest: no checkpoint in {cfg.OUTPUT_DIR} yet, starting a new run")
-    set_seed(cfg.SEED)  # the same on every process, so every process starts from the same LoRA
 
     # --- 2. data: listed and decoded once, so a bad folder fails before any download -----
     images, captions = load_captioned_images(cfg, show_progress=accelerator.is_local_main_process)
+    captions = subject_captions(cfg, captions)  # INSTANCE_PROMPT, when set, replaces every caption
+    # DreamBooth's prior preservation: the base model's own pictures of the class, drawn once
+    class_paths = class_image_paths(cfg, accelerator, weight_dtype) if cfg.CLASS_PROMPT else None
 
     # --- 3. load and freeze -----------------------------------------------------------
+    set_seed(cfg.SEED)  # the same on every process, so every process starts from the same LoRA
     vae_dtype = torch.float32 if cfg.VAE_FP32 else weight_dtype
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(cfg, weight_dtype, vae_dtype)
     freeze(text_encoder, vae, unet)
@@ -1020,8 +1193,10 @@ def main(argv):
 
     # --- 4. add LoRA ------------------------------------------------------------------
     lora_params = add_lora(unet, cfg, cfg.TARGET_MODULES)
+    # pivotal tuning: NEW_TOKEN's embedding rows train with the LoRA (with the text encoder's LoRA, if any)
+    token_ids = add_new_token(tokenizer, text_encoder, cfg) if cfg.NEW_TOKEN else None
     if cfg.TRAIN_TEXT_ENCODER:
-        lora_params += add_lora(text_encoder, cfg, cfg.TEXT_ENCODER_TARGET_MODULES, "TEXT_ENCODER_TARGET_MODULES")
+        lora_params += add_lora(text_encoder, cfg, cfg.TEXT_ENCODER_TARGET_MODULES, "TEXT_ENCODER_TARGET_MODULES", token_ids)
     trainable = sum(p.numel() for p in lora_params)
     scale = cfg.LORA_ALPHA / (math.sqrt(cfg.LORA_RANK) if cfg.USE_RSLORA else cfg.LORA_RANK)
     print0(f"LoRA r={cfg.LORA_RANK}, α={cfg.LORA_ALPHA} (scale {'α/√r' if cfg.USE_RSLORA else 'α/r'} = {scale:g}"
@@ -1031,28 +1206,40 @@ def main(argv):
         unet.enable_gradient_checkpointing()
 
     # --- 5. encode the data once --------------------------------------------------------
-    dataset = CaptionedImages(images, tokenize(tokenizer, captions), cfg)
+    dataset = CaptionedImages(images, tokenize(tokenizer, encoder_prompts(cfg, captions)), cfg)
+    if class_paths:  # the class pictures, all with CLASS_PROMPT
+        class_dataset = CaptionedImages(class_paths, tokenize(tokenizer, [cfg.CLASS_PROMPT] * len(class_paths)), cfg)
     scaling_factor = vae.config.scaling_factor  # SD1.x: 0.18215, puts z0 at roughly unit variance
     if cfg.CACHE_LATENTS:
+        if cfg.NEW_TOKEN:
+            print0(f"note: only latents are cached: a prompt holding {cfg.NEW_TOKEN!r} has no fixed text embedding to cache "
+                   "(its vectors change every step), so the text encoder runs at every step")
         dataset = cache_latents(dataset, vae, text_encoder, cfg, show_progress=accelerator.is_local_main_process)
+        if class_paths:
+            class_dataset = cache_latents(class_dataset, vae, text_encoder, cfg, show_progress=accelerator.is_local_main_process)
         vae = None  # done with the frozen encoders: free their memory for the UNet
-        text_encoder = text_encoder if cfg.TRAIN_TEXT_ENCODER else None
+        text_encoder = text_encoder if text_encoder_trains(cfg) else None
         free_memory()
         print0(peak_memory_text(accelerator, "caching latents"))
+    if class_paths:  # each item: a subject example and a class example (Ruiz et al. 2023, Sec. 3.3)
+        from lora_tools.dreambooth import PairedImages
+
+        dataset = PairedImages(dataset, class_dataset)
     dataloader = make_dataloader(dataset, cfg, cuda)
 
     # --- 6. train -------------------------------------------------------------------------
     optimizer = make_optimizer([(unet, cfg.LEARNING_RATE)] + ([(text_encoder, cfg.TEXT_ENCODER_LEARNING_RATE or cfg.LEARNING_RATE)]
-                                                              if cfg.TRAIN_TEXT_ENCODER else []), cfg, cuda)
+                                                              if text_encoder_trains(cfg) else []), cfg, cuda)
     # `unet` and `text_encoder` stay the plain models (saved, validated); accelerate wraps what trains
-    train_models = [torch.compile(unet) if cfg.COMPILE else unet] + ([text_encoder] if cfg.TRAIN_TEXT_ENCODER else [])
+    train_models = [torch.compile(unet) if cfg.COMPILE else unet] + ([text_encoder] if text_encoder_trains(cfg) else [])
     *train_models, optimizer, dataloader = accelerator.prepare(*train_models, optimizer, dataloader)
     steps_per_epoch = math.ceil(len(dataloader) / cfg.GRADIENT_ACCUMULATION_STEPS)
     max_steps = cfg.MAX_TRAIN_STEPS or cfg.NUM_EPOCHS * steps_per_epoch
     lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer=optimizer, num_warmup_steps=cfg.LR_WARMUP_STEPS,
                                  num_training_steps=max_steps)  # stepped once per optimizer step
     effective_batch = cfg.BATCH_SIZE * cfg.GRADIENT_ACCUMULATION_STEPS * accelerator.num_processes
-    print0(f"{len(dataset)} images at {cfg.RESOLUTION}px (latents 4x{cfg.RESOLUTION // vae_scale}x{cfg.RESOLUTION // vae_scale}) | "
+    pairs = f" subject + {len(class_paths)} class images (each batch: {cfg.BATCH_SIZE} of each)" if class_paths else " images"
+    print0(f"{len(images)}{pairs} at {cfg.RESOLUTION}px (latents 4x{cfg.RESOLUTION // vae_scale}x{cfg.RESOLUTION // vae_scale}) | "
            f"effective batch {effective_batch} = {cfg.BATCH_SIZE} x {cfg.GRADIENT_ACCUMULATION_STEPS} accumulation x "
            f"{accelerator.num_processes} process(es) | {steps_per_epoch} steps/epoch, {max_steps} steps, "
            f"{math.ceil(max_steps / steps_per_epoch)} epochs | {'cached latents' if cfg.CACHE_LATENTS else 'encoding every step'}")
@@ -1064,13 +1251,13 @@ def main(argv):
     set_seed(cfg.SEED, device_specific=True)
     t_start = time.time()
     steps = train(cfg, accelerator, unet, text_encoder, train_models, optimizer, lr_scheduler, dataloader, noise_scheduler,
-                  scaling_factor, max_steps, start_step, resume_rng, vae, argv)
+                  scaling_factor, max_steps, start_step, resume_rng, vae, argv, tokenizer)
 
     # --- 7. save and check ------------------------------------------------------------------
     accelerator.wait_for_everyone()
     if main_process:
-        save_and_check(cfg, accelerator, unet, text_encoder if cfg.TRAIN_TEXT_ENCODER else None, vae_scale, steps,
-                       len(dataset), t_start)
+        save_and_check(cfg, accelerator, unet, text_encoder if text_encoder_trains(cfg) else None, vae_scale, steps,
+                       len(images), t_start)
 
     # --- 8. load base + LoRA as a user would, and generate -----------------------------------
     # drop the trained models first (accelerate holds references too): one UNet in memory, not two

@@ -2,6 +2,7 @@
 
     checkpoint-<step>/
       pytorch_lora_weights.safetensors   the LoRA at this step: a usable file, diffusers' format
+      <OUTPUT_NAME>_emb.safetensors      with NEW_TOKEN: the new token's embedding at this step
       training_state.pt                  optimizer, LR schedule, grad scaler, RNG states, position
       training_config.json               the settings of the run that wrote it
 
@@ -73,13 +74,14 @@ def resolve_resume(resume_from, output_dir):
     return resume_from
 
 
-def save_checkpoint(output_dir, step, write_lora, optimizer, lr_scheduler, scaler, rngs, position, config_json, limit=None):
+def save_checkpoint(output_dir, step, write_weights, optimizer, lr_scheduler, scaler, rngs, position, config_json, limit=None):
     """Write checkpoint-<step>/ atomically, then keep only the newest `limit` checkpoints.
-    rngs: the RNG states of every process, in process order (see rng_states)."""
+    write_weights(folder) writes the weight files into the new folder; rngs: the RNG states of every
+    process, in process order (see rng_states)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = tempfile.mkdtemp(dir=output_dir, prefix=f".checkpoint-{step}-")
     try:
-        write_lora(os.path.join(tmp, "pytorch_lora_weights.safetensors"))
+        write_weights(tmp)
         state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "rng": rngs, "position": position}

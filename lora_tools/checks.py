@@ -60,11 +60,33 @@ def check_config(c):
     for name in ("DATA_DIR", "IMAGE_COLUMN", "CAPTION_COLUMN", "REVISION", "RESUME_FROM"):
         need(c[name] is None or (isinstance(c[name], str) and c[name] != ""), f"{name} must be text or None, got {c[name]!r}")
     need(bool(c["OUTPUT_DIR"]), "OUTPUT_DIR must not be empty")
+    check_dreambooth(c, need, number)
+
+
+def check_dreambooth(c, need, number):
+    """INSTANCE_PROMPT, CLASS_PROMPT, NEW_TOKEN and friends: the prompts must fit together."""
+    for name in ("INSTANCE_PROMPT", "CLASS_PROMPT", "CLASS_DATA_DIR", "NEW_TOKEN", "NEW_TOKEN_INIT_WORD"):
+        need(c[name] is None or (isinstance(c[name], str) and c[name].strip() != ""), f"{name} must be text or None, got {c[name]!r}")
+    number("NUM_CLASS_IMAGES", 1, int)
+    number("NUM_NEW_TOKEN_VECTORS", 1, int)
+    number("PRIOR_LOSS_WEIGHT", 0)
+    number("EMBEDDING_LEARNING_RATE", 0, strict=True)
+    instance, klass, token = c["INSTANCE_PROMPT"], c["CLASS_PROMPT"], c["NEW_TOKEN"]
+    need(c["CLASS_DATA_DIR"] is None or klass is not None,
+         "CLASS_DATA_DIR is only read with prior preservation — also set --CLASS_PROMPT (e.g. 'a photo of a dog'), or drop --CLASS_DATA_DIR")
+    need(klass is None or klass != instance,
+         f"CLASS_PROMPT must differ from INSTANCE_PROMPT (both are {klass!r}): the class prompt names the class without the subject's identifier")
+    if token is not None:
+        need(len(token.split()) == 1, f"NEW_TOKEN must be one word without spaces, got {token!r} — e.g. --NEW_TOKEN='<zwx>'")
+        need(instance is None or token in instance,
+             f"NEW_TOKEN {token!r} is not in INSTANCE_PROMPT {instance!r}, so it would never be trained — e.g. --INSTANCE_PROMPT='a photo of {token} dog'")
+        need(klass is None or token not in klass,
+             f"CLASS_PROMPT {klass!r} holds NEW_TOKEN {token!r}: the class prompt must describe the class without the subject")
 
 
 def check_paths(cfg):
     """The local folders the run reads."""
-    for name in ("DATA_DIR",):
+    for name in ("DATA_DIR",):  # CLASS_DATA_DIR may not exist yet: the class pictures are drawn into it
         if getattr(cfg, name) is not None and not os.path.isdir(getattr(cfg, name)):
             raise UserError(f"{name}={getattr(cfg, name)!r} does not exist or is not a folder — point --{name} at a folder of images")
     model = cfg.MODEL_ID

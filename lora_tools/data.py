@@ -72,12 +72,13 @@ def pick_column(columns, wanted, guesses, what, setting):
     raise UserError(f"could not tell which column holds the {what}; the columns are {sorted(columns)} — set --{setting}=<one of them>")
 
 
-def read_folder(folder, caption_column=None, log=print):
+def read_folder(folder, caption_column=None, log=print, captions_needed=True):
     """[(image_path, caption)] for a local folder, sorted by path. Non-image files are ignored;
-    images without a caption train with an empty one, said in one line."""
+    images without a caption train with an empty one, said in one line (not said when
+    captions_needed=False: with INSTANCE_PROMPT a folder of bare images is the usual case)."""
     if not os.path.isdir(folder):
         raise UserError(f"DATA_DIR={folder!r} is not a folder — point --DATA_DIR at a folder of images")
-    meta_path, rows = _read_metadata(folder)
+    meta_path, rows = _read_metadata(folder) if captions_needed else (None, None)
     captions = {}
     if rows is not None:
         columns = set().union(*(r.keys() for r in rows)) if rows else set()
@@ -105,7 +106,7 @@ def read_folder(folder, caption_column=None, log=print):
                 caption = ""
             records.append((path, caption))
     records.sort()
-    if uncaptioned:
+    if uncaptioned and captions_needed:
         names = ", ".join(sorted(uncaptioned)[:3]) + (f" and {len(uncaptioned) - 3} more" if len(uncaptioned) > 3 else "")
         log(f"note: {len(uncaptioned)} image(s) in {folder} have no caption and train with an empty one: {names}")
     if not records:

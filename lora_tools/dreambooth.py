@@ -23,10 +23,10 @@ def list_images(folder):
 
 
 @torch.no_grad()
-def class_images(folder, wanted, make_pipeline, prompt, seed, render_kwargs, show_progress=True, log=print):
+def class_images(folder, wanted, make_pipeline, draw, prompt, seed, show_progress=True, log=print):
     """`wanted` images of the class prompt in `folder`: the ones already there (made by an earlier run,
-    or your own), plus as many new ones as are missing, drawn by the base model (image i from seed
-    `seed + i`, so a rerun draws the same pictures). Returns the first `wanted` paths."""
+    or your own), plus as many new ones as are missing, drawn by draw(make_pipeline(), seed + i) for
+    image i, so a rerun draws the same pictures. Returns the first `wanted` paths."""
     from tqdm.auto import tqdm
 
     have = list_images(folder)
@@ -35,15 +35,13 @@ def class_images(folder, wanted, make_pipeline, prompt, seed, render_kwargs, sho
         log(f"prior preservation: drawing {missing} class image(s) of {prompt!r} with the base model into {folder}")
         os.makedirs(folder, exist_ok=True)
         pipe = make_pipeline()
-        first = len(have)
-        for i in tqdm(range(first, wanted), desc="class images", disable=not show_progress):
-            image = pipe(prompt, generator=torch.Generator().manual_seed(seed + i), **render_kwargs).images[0]
+        for i in tqdm(range(len(have), wanted), desc="class images", disable=not show_progress):
             with atomic_path(os.path.join(folder, f"class-{i:05d}.png")) as tmp:
-                image.save(tmp, format="PNG")
+                draw(pipe, seed + i).save(tmp, format="PNG")
         del pipe
         have = list_images(folder)
     else:
-        log(f"prior preservation: reusing {wanted} class image(s) from {folder}")
+        log(f"prior preservation: reusing {wanted} class image(s) of {prompt!r} from {folder}")
     return have[:wanted]
 
 
