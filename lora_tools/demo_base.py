@@ -1,6 +1,6 @@
 """Pretrain the demo's base model: a tiny text-to-image latent diffusion model of the shapes world.
 
-    python -m lora_tools.demo_base                 # about 40 minutes on a 2-core CPU; writes demo_base/
+    python -m lora_tools.demo_base                 # about 50-60 minutes on a 2-core CPU; writes demo_base/
     python -m lora_tools.demo_base --STEPS=200     # a quick look (draws blobs)
 
 It is built from the same classes as Stable Diffusion 1.x (CLIPTokenizer, CLIPTextModel, AutoencoderKL,
@@ -29,13 +29,13 @@ OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SEED = 0
 IMAGES_PER_CAPTION = 60  # random sizes and places of each trained combination
 VAE_STEPS = 4000  # autoencoder steps (batch 8 of 32x32 crops; the autoencoder is fully convolutional)
-STEPS = 2400  # text encoder + UNet steps (batch 32)
+STEPS = 3000  # text encoder + UNet steps (batch 32)
 BATCH_SIZE = 32
 LEARNING_RATE = 5e-4
 CAPTION_DROPOUT = 0.1  # train this fraction with the empty prompt: the unconditional model for guidance
 SNR_GAMMA = 5.0  # Min-SNR-γ weighting (Hang et al. 2023)
 EMA_DECAY = 0.999  # the saved weights are an exponential moving average of the trained ones
-EVAL_EVERY = 600  # steps between progress scores on the held-out prompts
+EVAL_EVERY = 1000  # steps between progress scores on the held-out prompts
 GUIDANCE_SCALE = 4.0
 NUM_INFERENCE_STEPS = 25
 INIT_FROM = None  # a saved demo base to train further (stage 2 only, fresh optimizer); None = from scratch

@@ -4,7 +4,8 @@
     LoRAs trained by the script (conftest.two_loras); a few textual substitutions turn the real
     model id, the output folders, fp16 and CUDA into their tiny CPU equivalents (see substitute());
     a block right after `<!-- doc-test: skip (reason) -->` is skipped with that reason;
-(b) the tutorial's chapter-4 subsections are the script's numbered section banners, in order;
+(b) the tutorial's chapter-4 subsections are the script's numbered section banners, in order, and
+    chapter 4 opens with an exact copy of the script's compute_loss;
 (c) every `--NAME=value` and every UPPER_CASE name the documents mention is a real setting
     (or on a short allow-list), every value given is one the script accepts, and every
     hyperparameter table row states the script's real default;
@@ -174,6 +175,17 @@ def test_chapter_4_mirrors_the_script_sections():
     assert [n for _, n, _ in headings] == [n for n, _ in sections], (headings, sections)
     for (_, n, heading), (_, title) in zip(headings, sections):
         assert heading in (title, short_title(title)), f"### 4.{n} is {heading!r}; the script's section {n} is {title!r}"
+
+
+def test_chapter_4_shows_the_real_compute_loss():
+    """Chapter 4 opens with the script's compute_loss, copied: the copy must be the code that runs."""
+    source = open(SCRIPT, encoding="utf-8").read()
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "compute_loss")
+    real = ast.get_source_segment(source, node).strip()
+    m = re.search(r"^## 4\. .*?$(.*?)^### 4\.1 ", read(TUTORIAL), re.S | re.M)
+    assert m, "the tutorial has no chapter 4 opening before 4.1"
+    copies = [code.strip() for lang, code, _, _ in fenced_blocks(m.group(1)) if lang == "python" and "def compute_loss(" in code]
+    assert copies == [real], "the tutorial's copy of compute_loss differs from the script's (copy it again from section 6)"
 
 
 def test_chapter_4_is_written():
