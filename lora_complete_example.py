@@ -913,6 +913,7 @@ def lora_file_metadata(unet, cfg, text_encoder=None):
         if model is not None:
             config = model.peft_config["default"].to_dict()
             config.pop("trainable_token_indices", None)  # NEW_TOKEN's rows are not in this file (see without_token_rows)
+            config["lora_dropout"] = 0.0  # LORA_DROPOUT regularises training only; a loader would build live dropout from it
             lora_meta.update({f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()})
     return {"format": "pt", "lora_adapter_metadata": json.dumps(lora_meta, sort_keys=True, default=str),
             "training_config": cfg.to_json()}
