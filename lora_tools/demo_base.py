@@ -1,6 +1,8 @@
 """Pretrain the demo's base model: a tiny text-to-image latent diffusion model of the shapes world.
 
-    python -m lora_tools.demo_base                 # about 50-60 minutes on a 2-core CPU; writes demo_base/
+    python -m lora_tools.demo_base --OUT_DIR=demo_base_3000                    # ~50-60 min on a 2-core CPU
+    python -m lora_tools.demo_base --INIT_FROM=demo_base_3000 --STEPS=1600 --LEARNING_RATE=4e-4 --EVAL_EVERY=100000
+                                                                               # ~27 min more: the shipped demo_base/
     python -m lora_tools.demo_base --STEPS=200     # a quick look (draws blobs)
 
 It is built from the same classes as Stable Diffusion 1.x (CLIPTokenizer, CLIPTextModel, AutoencoderKL,
