@@ -25,7 +25,7 @@ import time
 import torch
 
 from lora_tools.config import UserError, parse_overrides
-from lora_tools.shapes import COLOURS, NEW_COLOUR, SHAPES, SIZE, caption, draw, score, split_base_world
+from lora_tools.shapes import COLOURS, NEW_COLOUR, SHAPES, SIZE, caption, draw, judge, score, split_base_world
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_base")
 SEED = 0
@@ -183,21 +183,9 @@ def pipeline(tokenizer, text_encoder, vae, unet, scheduler):
 
 
 @torch.no_grad()
-def generate(pipe, prompts, seeds, guidance_scale=GUIDANCE_SCALE, steps=NUM_INFERENCE_STEPS, batch=32):
-    """One picture per (prompt, seed), prompts outer; each from its own CPU generator."""
-    pairs = [(p, s) for p in prompts for s in seeds]
-    images = []
-    pipe.set_progress_bar_config(disable=True)
-    for i in range(0, len(pairs), batch):
-        chunk = pairs[i:i + batch]
-        images += pipe([p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-                       num_inference_steps=steps, guidance_scale=guidance_scale, height=SIZE, width=SIZE).images
-    return images
-
-
 def evaluate(pipe, combos, seeds):
-    images = generate(pipe, [caption(*c) for c in combos], seeds)
-    return score(images, [c for c in combos for _ in seeds])
+    pipe.set_progress_bar_config(disable=True)
+    return judge(pipe, combos, seeds, NUM_INFERENCE_STEPS, GUIDANCE_SCALE)
 
 
 def main(argv):

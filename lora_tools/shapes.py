@@ -143,21 +143,25 @@ def build_concept_dataset(path, per_caption=3, seed=0):
     return path
 
 
+def judge(pipe, combos, seeds, steps, guidance_scale, batch=32):
+    """Scores of one picture per (combination, seed), drawn from its caption by `pipe` with a CPU
+    generator seeded with that seed, `batch` pictures per pipeline call."""
+    import torch
+
+    pairs = [(c, s) for c in combos for s in seeds]
+    images = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        images += pipe([caption(*c) for c, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+                       num_inference_steps=steps, guidance_scale=guidance_scale, height=SIZE, width=SIZE).images
+    return score(images, [c for c, _ in pairs])
+
+
 def concept_scores(pipe, seeds, steps, guidance_scale, base_world):
     """Scores of the pipeline as it is (its LoRA on or off): the new colour on CONCEPT_HELD_OUT
     prompts, and the base world's own prompts `base_world` (no purple in them)."""
-    import torch
-
-    def judge(combos):
-        pairs = [(c, s) for c in combos for s in seeds]
-        images = []
-        for i in range(0, len(pairs), 32):  # 32 pictures per pipeline call
-            chunk = pairs[i:i + 32]
-            images += pipe([caption(*c) for c, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-                           num_inference_steps=steps, guidance_scale=guidance_scale, height=SIZE, width=SIZE).images
-        return score(images, [c for c, _ in pairs])
-
-    return {"concept": judge(CONCEPT_HELD_OUT), "base_world": judge(base_world)}
+    return {"concept": judge(pipe, CONCEPT_HELD_OUT, seeds, steps, guidance_scale),
+            "base_world": judge(pipe, base_world, seeds, steps, guidance_scale)}
 
 
 def concept_report(pipe, seeds, steps, guidance_scale, log=print, path=None):
