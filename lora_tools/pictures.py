@@ -152,7 +152,8 @@ def loss_range(loss, smooth):
 
 
 def save_loss_curve(records, path, beta=None):
-    """loss_curve.png (900x500): every logged loss (thin, light), its moving average (thick), and the
+    """loss_curve.png (900x500): every logged loss (thin, light; each the mean over LOG_EVERY steps), its
+    moving average (thick; left out, and the losses drawn thick, when it would average one point), and the
     learning rate in a panel below. Non-finite losses are skipped. Returns (steps, smoothed, beta);
     beta defaults to an averaging window 1/(1-beta) of ~5% of the run, 1 to 100 points."""
     from matplotlib.figure import Figure  # a Figure without pyplot: drawn by Agg, no screen, no global state
@@ -164,9 +165,16 @@ def save_loss_curve(records, path, beta=None):
     smooth = ema(loss, beta)
     fig = Figure(figsize=(9, 5), dpi=100, layout="constrained")
     ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1]) if lr else (fig.subplots(), None)
-    ax.plot(steps, loss, color=RAW_COLOUR, lw=0.8, label="loss of each step (noisy: random timesteps and noise)")
-    ax.plot(steps, smooth, color=SMOOTH_COLOUR, lw=2.5, marker="o" if len(loss) == 1 else None,
-            label=f"smoothed (moving average over ~{1 / (1 - beta):.0f} steps): read the trend here")
+    gaps = sorted({b - a for a, b in zip(steps, steps[1:])})
+    what = ("loss of each step" if gaps == [1] else f"mean loss over each {gaps[0]} steps" if len(gaps) == 1
+            else "mean loss over each logging interval")
+    window = 1 / (1 - beta)  # points the moving average spans
+    ax.plot(steps, loss, color=RAW_COLOUR if window >= 1.5 else SMOOTH_COLOUR, lw=0.8 if window >= 1.5 else 2.5,
+            marker="o" if len(loss) == 1 else None,
+            label=f"{what} (noisy: random timesteps and noise)")
+    if window >= 1.5:  # an average over one point would only repeat the line above
+        ax.plot(steps, smooth, color=SMOOTH_COLOUR, lw=2.5,
+                label=f"smoothed (moving average over ~{window:.0f} logged points): read the trend here")
     skipped = sum("loss" in r for r in records) - len(loss)  # NaN, inf or None
     notes = [f"{skipped} non-finite loss value(s) skipped"] if skipped else []
     if loss:

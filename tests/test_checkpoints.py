@@ -160,16 +160,13 @@ def test_processes_compare_stop_flags_only_at_sync_points(mine, other):
 
 
 # ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
-FAST_DEMO = ["--DEMO=True", "--NUM_INFERENCE_STEPS=2"]
-
-
 class Watched:
-    """A demo training run in a subprocess whose merged output is collected by a thread."""
+    """A tiny training run in a subprocess whose merged output is collected by a thread."""
 
-    def __init__(self, out_dir):
+    def __init__(self, args):
         import subprocess
 
-        self.args = [*FAST_DEMO, "--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", f"--OUTPUT_DIR={out_dir}"]
+        self.args = args
         self.proc = start_script(*self.args, stderr=subprocess.STDOUT)
         self.chunks, self.lock = [], threading.Lock()
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -212,13 +209,13 @@ class Watched:
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory):
-    """Two demo runs of 5000 steps; once each has trained a step, one gets SIGINT (Ctrl-C), the other
+def interrupted(tmp_path_factory, tiny_args):
+    """Two tiny runs of 5000 steps; once each has trained a step, one gets SIGINT (Ctrl-C), the other
     SIGTERM (what `kill`, Slurm and docker stop send). {signal: (rc, output, OUTPUT_DIR, args)}"""
     results = {}
     for s in (signal.SIGINT, signal.SIGTERM):
         out = tmp_path_factory.mktemp(s.name.lower()) / "out"
-        run = Watched(out)
+        run = Watched(tiny_args("--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", f"--OUTPUT_DIR={out}"))
         try:
             run.wait_for_training()
             run.proc.send_signal(s)

@@ -37,8 +37,8 @@ def file_bytes(folder):
 
 
 @pytest.fixture(scope="module")
-def failing_runs(tmp_path_factory):
-    """Two demo runs: one at LEARNING_RATE=1e30 into a folder that already holds a
+def failing_runs(tmp_path_factory, tiny_args):
+    """Two tiny runs: one at LEARNING_RATE=1e30 into a folder that already holds a
     good adapter, its config and a checkpoint; one whose loss raises CUDA's out-of-memory error
     (the script does `from torch.nn.functional import mse_loss`, so patching it reaches the step)."""
     out = tmp_path_factory.mktemp("diverge") / "out"
@@ -52,11 +52,10 @@ def failing_runs(tmp_path_factory):
                            "def out_of_memory(*args, **kwargs):\n"
                            "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
                            "torch.nn.functional.mse_loss = out_of_memory")
-    demo = ["--DEMO=True", "--NUM_INFERENCE_STEPS=2"]
     return dict(out=str(out), before=before,
-                diverge=run_script(*demo, "--MAX_TRAIN_STEPS=10", "--LEARNING_RATE=1e30", "--CHECKPOINTING_STEPS=None",
-                                   f"--OUTPUT_DIR={out}", check=False, timeout=300),
-                oom=run_script(*demo, "--MAX_TRAIN_STEPS=5", f"--OUTPUT_DIR={out.parent / 'oom_out'}", program=driver,
+                diverge=run_script(*tiny_args("--MAX_TRAIN_STEPS=10", "--LEARNING_RATE=1e30", "--CHECKPOINTING_STEPS=None",
+                                             f"--OUTPUT_DIR={out}"), check=False, timeout=300),
+                oom=run_script(*tiny_args("--MAX_TRAIN_STEPS=5", f"--OUTPUT_DIR={out.parent / 'oom_out'}"), program=driver,
                                check=False, timeout=300))
 
 

@@ -178,6 +178,10 @@ def test_loss_curve_png_shows_loss_and_smoothed_above_the_learning_rate(tmp_path
     rows_of = {c: np.flatnonzero(near(img, c).any(1)) for c in (P.RAW_COLOUR, P.SMOOTH_COLOUR, P.LR_COLOUR)}
     assert all(near(img, c).sum() > 300 for c in rows_of)  # each series is drawn as a line
     assert rows_of[P.SMOOTH_COLOUR].max() < rows_of[P.LR_COLOUR].min()  # loss panel above the lr panel
+    short = [{"step": s, "loss": 0.1 + 0.01 * (s % 3), "lr": 1e-4} for s in range(10, 160, 10)]  # 15 logged means
+    P.save_loss_curve(short, tmp_path / "short.png")
+    short_img = Image.open(tmp_path / "short.png")  # too few points to average: one thick line, no thin copy
+    assert near(short_img, P.SMOOTH_COLOUR).sum() > 300 and near(short_img, P.RAW_COLOUR).sum() < 30
     for case in ([], [{"step": 1, "loss": float("nan")}], [{"step": 7, "loss": 0.3}]):  # nothing to plot, one point
         P.save_loss_curve(case, tmp_path / "edge.png")
         assert Image.open(tmp_path / "edge.png").size == (900, 500)
