@@ -22,6 +22,8 @@ BASE = os.path.join(REPO_ROOT, "demo_base")
 # (150 steps at 3e-3) drew purple on 14% of the 28 held-out pictures against the base's 7%, and dropped the
 # base world from 65% to 25%; at 1e-3, and with the text encoder's LoRA too, purple stayed at 7-14%. The test
 # asks for a plain effect (>= 60% and +50 points) and fails today: it waits for demo settings that teach purple.
+# benchmarks/demo_diagnosis.py on that LoRA: it draws purple for the empty prompt too (25% of 8 pictures, the base
+# 0%), and guidance cancels what it adds to every prompt: held-out purple 39% at guidance 1, 36% at 2, 14% at 4.
 pytestmark = pytest.mark.xfail(run=False, reason="the demo LoRA does not yet teach purple plainly on held-out prompts (measured: 7% -> 14%)")
 SEEDS = [0, 1, 2]
 STEPS, GUIDANCE = 15, 4.0  # sampler steps and guidance for judging (the demo renders with 25)

@@ -1,7 +1,7 @@
 """What a run shows its user besides the adapter: the validation grid, comparison.png, metrics.jsonl and
 loss_curve.png, the rank spectrum, TensorBoard, the printed recipe that renders test_generation.png
-again, the speed/precision knobs of a bf16 run (VAE_FP32, the fp32-fused merged model), and
-compare_runs.py."""
+again, the speed/precision knobs of a bf16 run (VAE_FP32, the fp32-fused merged model),
+compare_runs.py, and the LoRA switch of benchmarks/demo_diagnosis.py."""
 import json
 import math
 import os
@@ -13,7 +13,7 @@ from PIL import Image
 
 import compare_runs
 import lora_complete_example as lce
-from conftest import FEATURE_RUN, fresh_pipe, lora_weights, maxdiff, pixel_diff, read_safetensors, reference_unet, render, run_main
+from conftest import FEATURE_RUN, REPO_ROOT, fresh_pipe, lora_weights, maxdiff, pixel_diff, read_safetensors, reference_unet, render, run_main
 from lora_tools.config import UserError
 
 R = FEATURE_RUN
@@ -255,3 +255,35 @@ def test_compare_runs_stacks_one_labelled_row_per_run(two_loras, tmp_path):
         compare_runs.main([folders[0], str(tmp_path)])
     with pytest.raises(UserError, match="at least two"):
         compare_runs.main([folders[0]])
+
+
+# ----------------------------------------------------------------------------- benchmarks/demo_diagnosis.py
+def test_diagnosis_switches_the_lora_on_for_exactly_the_steps_it_names(two_loras):
+    """demo_diagnosis.render(lora_steps=...) switches the LoRA between sampler steps: no steps = the base
+    model's pictures, every step = base + LoRA's, and the first step alone = neither."""
+    import importlib.util
+
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    spec = importlib.util.spec_from_file_location("demo_diagnosis", os.path.join(REPO_ROOT, "benchmarks", "demo_diagnosis.py"))
+    D = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(D)
+    run = two_loras["my_lora_model"]
+    pipe = StableDiffusionPipeline.from_pretrained(run.cfg.MODEL_ID, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(run.out, adapter_name="lora")
+    pipe.set_adapters(["lora"], adapter_weights=[20.0])  # a 4-step LoRA, made loud enough to show in 8-bit pixels
+    pixels = lambda images: np.stack([np.asarray(im, dtype=np.int16) for im in images])  # noqa: E731
+    prompts, seeds = ["a red circle", "a blue square"], [0]
+    pipe.disable_lora()
+    base = pixels(pipe(prompts, generator=[torch.Generator().manual_seed(0) for _ in prompts], num_inference_steps=D.STEPS,
+                       guidance_scale=D.GUIDANCE, height=64, width=64).images)
+    pipe.enable_lora()
+    tuned = pixels(pipe(prompts, generator=[torch.Generator().manual_seed(0) for _ in prompts], num_inference_steps=D.STEPS,
+                        guidance_scale=D.GUIDANCE, height=64, width=64).images)
+    assert np.abs(tuned - base).max() > 10  # the LoRA shows
+    assert np.array_equal(pixels(D.render(pipe, prompts, seeds, lora_steps=set())), base)
+    assert np.array_equal(pixels(D.render(pipe, prompts, seeds)), tuned)
+    first = pixels(D.render(pipe, prompts, seeds, lora_steps={0}))
+    assert not np.array_equal(first, base) and not np.array_equal(first, tuned)
