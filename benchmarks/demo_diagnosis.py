@@ -67,7 +67,6 @@ def main(out_dir):
         empty = purple_share(pipe([""] * 8, generator=[torch.Generator().manual_seed(s) for s in range(8)],
                                   num_inference_steps=STEPS, guidance_scale=1.0, height=SIZE, width=SIZE).images)
         print(f"1. the empty prompt (no guidance, 8 seeds), {label}: {NEW_COLOUR} in {empty:.0%} of the pictures")
-    pipe.enable_lora()
     for g in (1.0, 2.0, GUIDANCE):
         pipe.disable_lora()
         base = judge(pipe, CONCEPT_HELD_OUT, SEEDS, STEPS, g)["colour"]

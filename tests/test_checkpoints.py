@@ -257,25 +257,18 @@ def test_sigterm_checkpoints_and_exits_143(interrupted):
     assert not (out / lce.WEIGHTS_NAME).exists()  # stopped runs leave only the checkpoint
 
 
-
 def test_a_lora_trained_with_dropout_loads_without_it(resume_runs, tiny_model_dir):
     """LORA_DROPOUT=0.1 trained A. Dropout belongs to training: the file records lora_dropout 0, or
     diffusers' load_lora_weights would build live dropout layers (new modules start in training mode),
     and every picture from the file — test_generation.png too — would be random."""
-    from conftest import pixel_diff, render
+    from conftest import pixel_diff, read_safetensors, render
 
     out = resume_runs["a"].out
-    meta = json.loads(lora_metadata(out)["lora_adapter_metadata"])
-    assert meta["unet.lora_dropout"] == 0.0 and json.loads(lora_metadata(out)["training_config"])["LORA_DROPOUT"] == 0.1
+    _, metadata = read_safetensors(os.path.join(out, lce.WEIGHTS_NAME))
+    meta = json.loads(metadata["lora_adapter_metadata"])
+    assert meta["unet.lora_dropout"] == 0.0 and json.loads(metadata["training_config"])["LORA_DROPOUT"] == 0.1
     pipe = fresh_pipe(tiny_model_dir, out)
     live = [n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Dropout) and "lora" in n and m.p > 0]
     assert live == []
     cfg = lce.resolve_config(resume_runs["argv"] + [f"--OUTPUT_DIR={out}"])
     assert pixel_diff(os.path.join(out, "test_generation.png"), render(pipe, cfg)) == 0
-
-
-def lora_metadata(folder):
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(folder, lce.WEIGHTS_NAME), "pt") as f:
-        return f.metadata()

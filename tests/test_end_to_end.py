@@ -48,7 +48,7 @@ def unseen_model_and_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, unseen_model_and_data):
-    """The demo (fewer steps than its default 60) and the unseen model."""
+    """The demo (10 steps instead of its 150) and the unseen model."""
     model, data, _ = unseen_model_and_data
     demo_argv = ["--DEMO=True", "--MAX_TRAIN_STEPS=10", "--NUM_INFERENCE_STEPS=2", f"--OUTPUT_DIR={tmp_path_factory.mktemp('demo') / 'out'}"]
     unseen_argv = [f"--MODEL_ID={model}", f"--DATA_DIR={data}", "--MIXED_PRECISION=no", f"--OUTPUT_DIR={tmp_path_factory.mktemp('unseen_out') / 'out'}",
