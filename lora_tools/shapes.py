@@ -168,6 +168,7 @@ def concept_report(pipe, seeds, steps, guidance_scale, log=print, path=None):
     """Judge base and base + LoRA (diffusers' disable_lora / enable_lora), say what the numbers mean,
     write them to `path` (JSON) and return one short note per comparison row."""
     import json
+    import os
 
     _, held_out = split_base_world()
     pipe.set_progress_bar_config(disable=True)
@@ -184,6 +185,9 @@ def concept_report(pipe, seeds, steps, guidance_scale, log=print, path=None):
         f"base {base['base_world']['all']:.0%}  ->  base + LoRA {tuned['base_world']['all']:.0%}\n"
         f"  (the first number is what the LoRA learned; the second is what it costs — a drop there is the LoRA\n"
         f"  overwriting what the base knew, which fewer steps, a lower rank or prior preservation reduce)")
+    if tuned["concept"]["colour"] < base["concept"]["colour"] + 0.3:  # hardly learned: say where to look
+        where = f" {os.path.dirname(os.path.abspath(path))}" if path else ""
+        log(f"  little {NEW_COLOUR}? `python benchmarks/demo_diagnosis.py{where}` measures why (tutorial chapter 4)")
     if path:
         from lora_tools.files import atomic_write_text
 

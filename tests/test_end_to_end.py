@@ -81,6 +81,19 @@ def test_demo_writes_the_weights_the_image_and_the_config(runs):
     assert image.shape == (64, 64, 3) and image.std() > 0  # a rendered picture at the training size, not a blank canvas
 
 
+def test_demo_prints_its_scores_and_when_little_was_learned_where_to_look(runs):
+    """The console and concept_scores.json say the same; a LoRA that hardly learned purple (under +30
+    points) gets one line naming the diagnosis command for this OUTPUT_DIR, and only then."""
+    argv, r = runs["demo"]
+    out = lce.resolve_config(argv).OUTPUT_DIR
+    with open(os.path.join(out, "concept_scores.json")) as f:
+        scores = json.load(f)
+    base, tuned = scores["base"]["concept"]["colour"], scores["base + LoRA"]["concept"]["colour"]
+    assert f"base {base:.0%}  ->  base + LoRA {tuned:.0%}" in r.stdout
+    hint = f"`python benchmarks/demo_diagnosis.py {os.path.abspath(out)}` measures why"
+    assert (hint in r.stdout) == (tuned < base + 0.3), r.stdout[-2000:]
+
+
 @pytest.mark.parametrize("name", ["demo", "unseen"])
 def test_a_run_prints_no_warning_echoes_and_no_library_noise(runs, name):
     """The reload check adds a second adapter (PEFT warns about that) and the UNet-only file has no
