@@ -24,7 +24,7 @@ BASE = os.path.join(REPO_ROOT, "demo_base")
 # asks for a plain effect (>= 60% and +50 points) and fails today: it waits for demo settings that teach purple.
 # benchmarks/demo_diagnosis.py on that LoRA: it draws purple for the empty prompt too (25% of 8 pictures, the base
 # 0%), and guidance cancels what it adds to every prompt: held-out purple 39% at guidance 1, 36% at 2, 14% at 4.
-pytestmark = pytest.mark.xfail(run=False, reason="the demo LoRA does not yet teach purple plainly on held-out prompts (measured: 7% -> 14%)")
+NOT_YET = pytest.mark.xfail(run=False, reason="the demo LoRA does not yet teach purple plainly on held-out prompts (measured: 7% -> 14%)")
 SEEDS = [0, 1, 2]
 STEPS, GUIDANCE = 15, 4.0  # sampler steps and guidance for judging (the demo renders with 25)
 
@@ -78,23 +78,52 @@ def scores(trained):
     return out
 
 
+@NOT_YET
 def test_base_model_cannot_draw_purple(scores):
     assert scores["base"]["concept"]["colour"] <= 0.1, scores["base"]
 
 
+@NOT_YET
 def test_lora_teaches_purple_on_prompts_it_never_saw(scores):
     base, lora = scores["base"]["concept"], scores["lora"]["concept"]
     assert lora["colour"] >= 0.6 and lora["colour"] >= base["colour"] + 0.5, (base, lora)
     assert lora["all"] >= base["all"] + 0.3, (base, lora)  # purple triangles and purple on yellow, all three right
 
 
+@NOT_YET
 def test_lora_keeps_most_of_the_base_models_skill(scores):
     base, lora = scores["base"]["base_world"]["all"], scores["lora"]["base_world"]["all"]
     assert lora >= base - 0.25, (base, lora)
 
 
+@NOT_YET
 def test_negative_controls_score_like_the_base(scores):
     base = scores["base"]["concept"]["colour"]
     assert abs(scores["scale 0"]["concept"]["colour"] - base) <= 0.05, scores  # the same adapter, switched off
     # the same pictures, captions saying "violet": the LoRA learned the colour, but not for the word "purple"
     assert scores["violet"]["concept"]["colour"] <= base + 0.2, scores
+
+
+# ----------------------------------------------------------------------------- the judge itself
+def test_the_judge_reads_every_drawn_picture_back():
+    """describe() reads shape, colour and background back from every kind of picture the shapes world
+    draws (3 random sizes and places each), purple shapes included: the learning tests above score
+    with it, so a judge that misreads would make them pass or fail by accident."""
+    import random
+
+    from lora_tools.shapes import COLOURS, SHAPES, describe, draw
+
+    rng = random.Random(0)
+    colours = list(COLOURS) + [NEW_COLOUR]
+    wanted = [(s, c, b) for s in SHAPES for c in colours for b in COLOURS if c != b for _ in range(3)]
+    seen = [describe(draw(*w, rng=rng)) for w in wanted]
+    assert [(w, d) for w, d in zip(wanted, seen) if w != d] == []
+
+
+def test_the_judge_sees_no_shape_in_a_plain_picture_and_no_purple_in_yellow():
+    """Negative controls: a picture with nothing drawn on it has no shape and no colour; a yellow
+    shape (what the base model draws for "purple") is yellow, not purple."""
+    from lora_tools.shapes import describe, draw
+
+    assert describe(draw("circle", "white", "white")) == (None, None, "white")
+    assert describe(draw("triangle", "yellow", "blue")) == ("triangle", "yellow", "blue")
