@@ -994,7 +994,8 @@ def save_and_check(cfg, accelerator, unet, text_encoder, vae_scale, steps, num_i
     """The adapter files, the config, the reload check, and the pictures of the run itself.
     text_encoder: the trained text encoder (its LoRA and/or NEW_TOKEN's rows), or None."""
     from lora_tools.dreambooth import save_embedding
-    from lora_tools.pictures import lora_updates, read_metrics, save_loss_curve, save_spectrum_plot, spectrum_table
+    from lora_tools.pictures import read_metrics, save_loss_curve, save_spectrum_plot
+    from lora_tools.spectrum import lora_updates, spectrum_table
 
     weights_path = os.path.join(cfg.OUTPUT_DIR, WEIGHTS_NAME)
     lora_te = text_encoder if cfg.TRAIN_TEXT_ENCODER else None

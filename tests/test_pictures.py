@@ -1,6 +1,7 @@
-"""lora_tools.pictures: grids (placement, nearest-neighbour enlargement, labels), the metrics reader, the
-data behind the loss curve (smoothing, y range) plus one rendering check, and the LoRA spectrum (ΔW read
-from PEFT, checked against PEFT's own merge; energy shares against a spectrum built by hand)."""
+"""lora_tools.pictures and lora_tools.spectrum: grids (placement, nearest-neighbour enlargement, labels),
+the metrics reader, the data behind the loss curve (smoothing, y range) plus one rendering check, and the
+LoRA spectrum (ΔW read from PEFT, checked against PEFT's own merge; energy shares against a spectrum built
+by hand)."""
 import json
 import math
 import warnings
@@ -11,6 +12,7 @@ import torch
 from PIL import Image, ImageColor
 
 from lora_tools import pictures as P
+from lora_tools import spectrum as S
 
 
 def noise(n, size, seed=0):
@@ -200,16 +202,16 @@ NAME = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_{}"
 
 
 def test_energy_shares_and_effective_rank_of_a_known_spectrum():
-    energy = P.singular_energy(with_spectrum([3.0, 2.0, 1.0])).numpy()  # 16 values, 3 of them non-zero
+    energy = S.singular_energy(with_spectrum([3.0, 2.0, 1.0])).numpy()  # 16 values, 3 of them non-zero
     np.testing.assert_allclose(energy, [9 / 14, 4 / 14, 1 / 14] + [0] * 13, atol=1e-6)  # σ² / Σσ²
-    rows, text = P.spectrum_table({NAME.format("q"): with_spectrum([3.0, 2.0, 1.0])})
+    rows, text = S.spectrum_table({NAME.format("q"): with_spectrum([3.0, 2.0, 1.0])})
     assert len(rows) == 1 and rows[0]["group"] == "down_blocks.1 attn1" and rows[0]["matrices"] == 1
     np.testing.assert_allclose(rows[0]["cumulative"], [9 / 14, 13 / 14, 1.0], atol=1e-6)  # K = rank = 3
     p = np.array([9, 4, 1]) / 14
     assert rows[0]["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), abs=1e-5)
     assert text.splitlines()[3].split() == ["down_blocks.1", "attn1", "1", "64.3%", "92.9%", "100.0%", "2.29"]
     g = torch.Generator().manual_seed(1)  # rank 1: all the energy in one direction
-    rows, _ = P.spectrum_table({NAME.format("q"): torch.randn(32, 1, generator=g) @ torch.randn(1, 20, generator=g)},
+    rows, _ = S.spectrum_table({NAME.format("q"): torch.randn(32, 1, generator=g) @ torch.randn(1, 20, generator=g)},
                                directions=4)
     assert rows[0]["cumulative"] == pytest.approx([1.0] * 4, abs=1e-6)
     assert rows[0]["effective_rank"] == pytest.approx(1.0, abs=1e-4)
@@ -223,15 +225,15 @@ def test_groups_average_their_matrices_skip_zero_updates_and_sort_by_block():
         "up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k": with_spectrum([1.0]),
         "mid_block.attentions.0.transformer_blocks.0.attn1.to_q": with_spectrum([2.0, 1.0]),
     }
-    rows, text = P.spectrum_table(updates)
+    rows, text = S.spectrum_table(updates)
     assert [r["group"] for r in rows] == ["down_blocks.1 attn1", "mid_block attn1", "up_blocks.2 attn2"]
     assert (rows[0]["matrices"], rows[0]["zero"]) == (3, 1)
     np.testing.assert_allclose(rows[0]["cumulative"], [(0.5 + 0.9) / 2, 1.0], atol=1e-6)
     p = np.array([0.9, 0.1])
     assert rows[0]["effective_rank"] == pytest.approx((2.0 + math.exp(-(p * np.log(p)).sum())) / 2, abs=1e-5)
-    all_zero, text = P.spectrum_table({NAME.format("q"): torch.zeros(4, 4)})
+    all_zero, text = S.spectrum_table({NAME.format("q"): torch.zeros(4, 4)})
     assert all_zero[0]["zero"] == 1 and math.isnan(all_zero[0]["effective_rank"]) and "all zero" in text
-    assert P.block_group("text_model.encoder.layers.3.self_attn.q_proj") == "layers.3"
+    assert S.block_group("text_model.encoder.layers.3.self_attn.q_proj") == "layers.3"
 
 
 @pytest.fixture(scope="module")
@@ -261,16 +263,16 @@ def tiny_unet_with_lora():
 def test_lora_updates_read_scaling_from_peft_and_equal_merged_minus_base(tiny_unet_with_lora):
     unet, layers = tiny_unet_with_lora
     for adapter, scaling in (("default", 8 / 4), ("rs", 8 / math.sqrt(4))):
-        updates = P.lora_updates(unet, adapter)
+        updates = S.lora_updates(unet, adapter)
         assert list(updates) == list(layers) and len(updates) > 0
         for name, delta in updates.items():
             layer = layers[name]
             a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             assert delta.dtype == torch.float32 and delta.shape == layer.get_base_layer().weight.shape
             torch.testing.assert_close(delta, scaling * (b @ a), rtol=0, atol=1e-6)
-        rows, _ = P.spectrum_table(updates)
+        rows, _ = S.spectrum_table(updates)
         assert len(rows[0]["cumulative"]) == 4 and sum(r["matrices"] for r in rows) == len(updates)  # rank r
-    updates = P.lora_updates(unet)
+    updates = S.lora_updates(unet)
     base = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
     try:
         for m in layers.values():
@@ -293,16 +295,16 @@ def test_lora_updates_cover_linear_layers_only_and_refuse_dora():
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "proj_in"]))
     convs = [n for n, m in unet.named_modules()
              if n.endswith("proj_in") and isinstance(m.get_base_layer(), torch.nn.Conv2d)]
-    updates = P.lora_updates(unet)
+    updates = S.lora_updates(unet)
     assert convs and updates and all(n.endswith("to_q") for n in updates)
     unet = build_tiny_components()["unet"]
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
-        P.lora_updates(unet)
+        S.lora_updates(unet)
 
 
 def test_spectrum_plot_png(tmp_path, tiny_unet_with_lora):
-    rows, _ = P.spectrum_table(P.lora_updates(tiny_unet_with_lora[0]))
+    rows, _ = S.spectrum_table(S.lora_updates(tiny_unet_with_lora[0]))
     rows.append(dict(group="untrained", matrices=2, zero=2, cumulative=[float("nan")] * 4,
                      effective_rank=float("nan")))
     P.save_spectrum_plot(rows, tmp_path / "spectrum.png")

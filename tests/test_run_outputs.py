@@ -89,7 +89,8 @@ def test_metrics_follow_the_schedule_per_step_and_epoch_and_the_loss_curve_draws
 
 
 def test_rank_spectrum_table_and_plot_are_those_of_the_saved_adapter(feature_run, tiny_model_dir, tmp_path):
-    from lora_tools.pictures import lora_updates, save_spectrum_plot, spectrum_table
+    from lora_tools.pictures import save_spectrum_plot
+    from lora_tools.spectrum import lora_updates, spectrum_table
 
     unet = reference_unet(tiny_model_dir, feature_run.out, feature_run.cfg)
     rows, text = spectrum_table(lora_updates(unet))

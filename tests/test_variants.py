@@ -133,7 +133,7 @@ def test_adapter_weights_one_zero_reproduce_each_adapter_alone(combined):
 def test_blend_is_the_weighted_sum_of_the_two_updates(combined):
     from peft.tuners.lora import LoraLayer
 
-    from lora_tools.pictures import lora_updates
+    from lora_tools.spectrum import lora_updates
 
     pipe = combined["pipe"]
     pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.3])
