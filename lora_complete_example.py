@@ -125,6 +125,8 @@ CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]  # everything above, i
 # world of coloured shapes (demo_base/, made by `python -m lora_tools.demo_base`) that has never seen
 # the colour purple. The LoRA learns purple from 24 captioned pictures of purple circles and squares,
 # and is judged on prompts it never saw (purple triangles, purple on yellow): lora_tools/shapes.py.
+# It adapts only the cross-attention layers (attn2), where the prompt's words enter the UNet: a new
+# colour is a new meaning of a word, and the pictures' other skills (self-attention) stay untouched.
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_SETTINGS = dict(
     MODEL_ID=os.path.join(HERE, "demo_base"),
@@ -132,7 +134,8 @@ DEMO_SETTINGS = dict(
     RESOLUTION=64,
     BATCH_SIZE=8,
     GRADIENT_ACCUMULATION_STEPS=1,
-    MAX_TRAIN_STEPS=150,
+    MAX_TRAIN_STEPS=100,
+    TARGET_MODULES=["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
     LEARNING_RATE=3e-3,
     LOG_EVERY=10,
     NUM_INFERENCE_STEPS=20,
@@ -354,6 +357,8 @@ def check_target_modules(model, targets, setting):
     if missing:  # name the projections inside its attention modules: "to_q", "to_out.0", "q_proj", ...
         attention = sorted({".".join(n.split(".")[max(i for i, p in enumerate(n.split(".")) if "attn" in p) + 1:])
                             for n in linear if "attn" in n})
+        if not attention:  # demo_base/'s text encoder has no transformer layers (lora_tools/demo_base.py says why)
+            raise UserError(f"{setting} {missing}: the {type(model).__name__} has no attention layers to adapt — train without it")
         raise UserError(f"{setting} {missing} match no layer of the {type(model).__name__}; its attention projections "
                         f"are {attention} — e.g. --{setting}={','.join(attention)}")
 

@@ -134,4 +134,4 @@ def check_demo_base(path):
     """The demo's pretrained base model ships in the repository (demo_base/); say how to rebuild it if it is gone."""
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise UserError(f"the demo's base model {path} is missing — restore it (git checkout -- demo_base) "
-                        f"or rebuild it with the two commands at the top of lora_tools/demo_base.py (about 80 minutes on a 2-core CPU)")
+                        f"or rebuild it with the command at the top of lora_tools/demo_base.py (about an hour on a 2-core CPU)")
