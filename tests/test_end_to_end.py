@@ -76,7 +76,7 @@ def test_demo_writes_the_weights_the_image_and_the_config(runs):
     with safe_open(os.path.join(cfg.OUTPUT_DIR, lce.WEIGHTS_NAME), "pt") as f:
         shapes, meta = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata()
     assert shapes == expected and len(shapes) == 56  # the demo's UNet: 28 cross-attention projections, rank 4
-    assert sum(a * b for a, b in shapes.values()) == 23_296 and json.loads(meta["training_config"]) == cfg.as_dict()
+    assert sum(a * b for a, b in shapes.values()) == 12_032 and json.loads(meta["training_config"]) == cfg.as_dict()
     image = png(os.path.join(cfg.OUTPUT_DIR, "test_generation.png"))
     assert image.shape == (64, 64, 3) and image.std() > 0  # a rendered picture at the training size, not a blank canvas
 

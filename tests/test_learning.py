@@ -23,7 +23,7 @@ BASE = os.path.join(REPO_ROOT, "demo_base")
 # report (4 seeds, 20 sampler steps): purple 4% -> 64% on the held-out purple prompts, all three right 0% -> 54%,
 # the base world 52% -> 45%. The thresholds below leave room for this test's shorter rendering (3 seeds, 15 steps).
 SEEDS = [0, 1, 2]
-STEPS, GUIDANCE = 15, 4.0  # sampler steps and guidance for judging (the demo renders with 25)
+STEPS, GUIDANCE = 15, 4.0  # sampler steps and guidance for judging (the demo judges with 20)
 
 
 def render(pipe, combos):
