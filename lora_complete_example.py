@@ -152,12 +152,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def resolve_config(argv, defaults=None):
+def resolve_config(argv):
     """Defaults from the block above + DEMO values + --NAME=value overrides -> a frozen, checked Config."""
     from lora_tools.checks import check_config
 
-    defaults = defaults or {k: globals()[k] for k in CONFIG_KEYS}
-    values = parse_overrides(argv, defaults, log=print0)
+    values = parse_overrides(argv, {k: globals()[k] for k in CONFIG_KEYS}, log=print0)
     if values["DEMO"]:
         given = {a[2:].split("=", 1)[0] for a in argv}
         values.update({k: v for k, v in DEMO_SETTINGS.items() if k not in given})
@@ -661,6 +660,18 @@ def save_training_checkpoint(cfg, step, unet, text_encoder, optimizer, lr_schedu
                            {"global_step": step}, cfg.to_json(), cfg.CHECKPOINTS_TOTAL_LIMIT)
 
 
+def check_resume(path, cfg):
+    """Fail before any slow work when checkpoint `path` cannot continue this run: its LoRA's shape differs."""
+    from lora_tools.checkpoint import checkpoint_config
+
+    old, now = checkpoint_config(path), cfg.as_dict()
+    for key in ("LORA_RANK", "TARGET_MODULES", "USE_DORA", "TRAIN_TEXT_ENCODER", "TEXT_ENCODER_TARGET_MODULES", "NEW_TOKEN",
+                "NUM_NEW_TOKEN_VECTORS"):
+        before = old.get(key, globals()[key])  # a key the checkpoint lacks had its default then
+        if before != now[key]:
+            raise UserError(f"{path} was trained with {key}={before!r}, this run has {now[key]!r} — use the same --{key} to resume")
+
+
 def restore_checkpoint(path, cfg, unet, text_encoder, optimizer, lr_scheduler, accelerator):
     """Load the LoRA weights, optimizer, schedule and scaler state of checkpoint `path`. Returns
     (global_step, this process's RNG states, or None when the checkpoint has none for it)."""
@@ -671,11 +682,6 @@ def restore_checkpoint(path, cfg, unet, text_encoder, optimizer, lr_scheduler, a
 
     lora, state, old = load_checkpoint(path)
     now = cfg.as_dict()
-    for key in ("LORA_RANK", "TARGET_MODULES", "USE_DORA", "TRAIN_TEXT_ENCODER", "TEXT_ENCODER_TARGET_MODULES", "NEW_TOKEN",
-                "NUM_NEW_TOKEN_VECTORS"):
-        before = old.get(key, globals()[key])  # a key the checkpoint lacks had its default then
-        if before != now[key]:
-            raise UserError(f"{path} was trained with {key}={before!r}, this run has {now[key]!r} — use the same --{key} to resume")
     changed = [k for k in ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "SEED", "LORA_ALPHA", "LEARNING_RATE") if old.get(k) != now[k]]
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process that wrote it
     if len(rngs) != accelerator.num_processes:
@@ -1182,6 +1188,8 @@ def main(argv):
     resume_path = resolve_resume(cfg.RESUME_FROM, cfg.OUTPUT_DIR)
     if cfg.RESUME_FROM == "latest" and resume_path is None:
         print0(f"RESUME_FROM=latest: no checkpoint in {cfg.OUTPUT_DIR} yet, starting a new run")
+    if resume_path is not None:
+        check_resume(resume_path, cfg)
 
     # --- 2. data: listed and decoded once, so a bad folder fails before any download -----
     images, captions = load_captioned_images(cfg, show_progress=accelerator.is_local_main_process)

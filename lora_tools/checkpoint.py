@@ -103,12 +103,16 @@ def save_checkpoint(output_dir, step, write_weights, optimizer, lr_scheduler, sc
     return final
 
 
+def checkpoint_config(path):
+    """The settings of the run that wrote checkpoint `path` (a dict)."""
+    with open(os.path.join(path, "training_config.json")) as f:
+        return json.load(f)
+
+
 def load_checkpoint(path):
     """(LoRA tensors in diffusers' naming, training state, the run's config dict)."""
     from safetensors.torch import load_file
 
     lora = load_file(os.path.join(path, "pytorch_lora_weights.safetensors"))
     state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
-    with open(os.path.join(path, "training_config.json")) as f:
-        config = json.load(f)
-    return lora, state, config
+    return lora, state, checkpoint_config(path)

@@ -116,9 +116,9 @@ def kohya_metadata(info):
 
 
 def save_kohya_file(path, unet_sd, te_sd, unet_alpha, te_alpha, metadata, dtype=torch.float32, *, use_rslora=False):
-    """Write the kohya file atomically (an older file stays until the new one is complete) and
-    return the number of LoRA parameters in it. Refuses (UserError) if a tensor is NaN/inf after the
-    cast to `dtype`: an fp32 value past fp16's 65504 becomes inf only there."""
+    """Write the kohya file atomically (an older file stays until the new one is complete). Refuses
+    (UserError) if a tensor is NaN/inf after the cast to `dtype`: an fp32 value past fp16's 65504
+    becomes inf only there."""
     from safetensors.torch import save_file
 
     tensors = to_kohya(unet_sd, te_sd, unet_alpha, te_alpha, dtype, use_rslora=use_rslora)
@@ -128,4 +128,3 @@ def save_kohya_file(path, unet_sd, te_sd, unet_alpha, te_alpha, metadata, dtype=
                         f"so {path} was not written" + (" — try saving in fp32 or bf16" if dtype == torch.float16 else ""))
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-    return sum(v.numel() for k, v in tensors.items() if not k.endswith(".alpha"))

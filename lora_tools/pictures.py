@@ -148,18 +148,23 @@ def loss_range(loss, smooth):
     return float(lo - margin), float(hi + margin)
 
 
-def save_loss_curve(records, path, beta=None):
+def smoothed_loss(records):
+    """(steps, losses, smoothed, beta) of the finite losses: the moving average's window 1/(1-beta) is
+    ~5% of the run, 1 to 100 logged points."""
+    steps, loss = finite_series(records, "loss")
+    beta = 1 - 1 / min(100.0, max(1.0, len(loss) / 20))
+    return steps, loss, ema(loss, beta), beta
+
+
+def save_loss_curve(records, path):
     """loss_curve.png (900x500): every logged loss (thin, light; each the mean over LOG_EVERY steps), its
     moving average (thick; left out, and the losses drawn thick, when it would average one point), and the
-    learning rate in a panel below. Non-finite losses are skipped. Returns (steps, smoothed, beta);
-    beta defaults to an averaging window 1/(1-beta) of ~5% of the run, 1 to 100 points."""
+    learning rate in a panel below. Non-finite losses are skipped."""
     from matplotlib.figure import Figure  # a Figure without pyplot: drawn by Agg, no screen, no global state
     from matplotlib.ticker import MaxNLocator
 
-    steps, loss = finite_series(records, "loss")
+    steps, loss, smooth, beta = smoothed_loss(records)
     lr_steps, lr = finite_series(records, "lr")
-    beta = 1 - 1 / min(100.0, max(1.0, len(loss) / 20)) if beta is None else beta
-    smooth = ema(loss, beta)
     fig = Figure(figsize=(9, 5), dpi=100, layout="constrained")
     ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1]) if lr else (fig.subplots(), None)
     gaps = sorted({b - a for a, b in zip(steps, steps[1:])})
@@ -197,7 +202,6 @@ def save_loss_curve(records, path, beta=None):
         a.grid(alpha=0.3)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    return steps, smooth, beta
 
 
 # =============================================================================

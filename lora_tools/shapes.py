@@ -120,27 +120,22 @@ CONCEPT_HELD_OUT = [("triangle", NEW_COLOUR, b) for b in ("red", "green", "blue"
 
 def build_concept_dataset(path, per_caption=3, seed=0):
     """The demo's training set: `per_caption` drawings of each CONCEPT_TRAIN combination, written as an
-    imagefolder (PNG files + metadata.jsonl with a "text" caption each), once; an existing folder is reused."""
+    imagefolder (PNG files + metadata.jsonl with a "text" caption each), once; an existing folder is
+    reused (several processes may build it at once: see atomic_folder)."""
     import json
     import os
-    import shutil
-    import tempfile
 
-    if os.path.isdir(path):
-        return path
-    rng = random.Random(seed)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".building-")
-    try:
+    from lora_tools.files import atomic_folder
+
+    def write(tmp):
+        rng = random.Random(seed)
         with open(os.path.join(tmp, "metadata.jsonl"), "w") as f:
             for i, combo in enumerate(c for c in CONCEPT_TRAIN for _ in range(per_caption)):
                 name = f"{i:03d}.png"
                 draw(*combo, rng=rng).save(os.path.join(tmp, name))
                 f.write(json.dumps({"file_name": name, "text": caption(*combo)}) + "\n")
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return atomic_folder(path, write)
 
 
 def judge(pipe, combos, seeds, steps, guidance_scale, batch=32):

@@ -1,7 +1,11 @@
-"""What the test files share: the tiny SD-shaped model and data (built once per session by
-lora_tools.demo), the arguments of a tiny run, the script run in this process (lce.main) or as a
-user runs it (a subprocess, or two processes under `accelerate launch`), two small trained LoRAs,
-and the tools for comparing what the runs wrote (maxdiff, safetensors files, PNGs, model outputs).
+"""What the test files share: the tiny SD-shaped model and data (tests/tiny.py), the arguments of a
+tiny run, the script run in this process (lce.main) or as a user runs it (a subprocess, or two
+processes under `accelerate launch`), the runs several files read (two small LoRAs, the feature run,
+the demo), and the tools for comparing what the runs wrote (maxdiff, safetensors files, PNGs, outputs).
+
+The suite runs on two pytest-xdist workers (pytest.ini). A run or model that several files read is
+built once per session by whichever worker asks first, under a file lock, and read back by the other
+(`built_once`); tests that share a heavy module fixture carry one `xdist_group`, so one worker runs them.
 """
 import os
 
@@ -13,6 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import contextlib  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -32,7 +37,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import lora_complete_example as lce  # noqa: E402
-from lora_tools.demo import build_tiny_dataset, build_tiny_pipeline  # noqa: E402
+from tiny import build_tiny_dataset, build_tiny_pipeline  # noqa: E402
 
 SCRIPT = os.path.join(REPO_ROOT, "lora_complete_example.py")
 SCRIPT_NAME = os.path.basename(SCRIPT)  # run as `python lora_complete_example.py` in the repository root
@@ -252,6 +257,18 @@ def key_complaints(messages):
 
 
 # ----------------------------------------------------------------------------- fixtures
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks
+def pytest_collection_modifyitems(items):
+    """pytest-xdist (--dist loadgroup): a test that uses a module-scoped fixture of its own file joins
+    the group of that file, so one worker builds the fixture once; an xdist_group mark of its own wins."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        defs = [d for ds in item._fixtureinfo.name2fixturedefs.values() for d in ds]
+        if any(d.scope == "module" and item.nodeid.startswith(d.baseid + "::") for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(autouse=True)
 def _reset_accelerate_state():
     yield
@@ -260,13 +277,46 @@ def _reset_accelerate_state():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return build_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd"))
+def shared_root(tmp_path_factory, worker_id):
+    """A folder of this session that every xdist worker sees (each worker's own tmp folders sit in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if worker_id != "master" else base
+
+
+def built_once(root, name, build):
+    """The JSON-able result of build(folder) for root/name: computed by the first worker that asks,
+    under a file lock (the other waits), and read back from root/name.json by everyone after."""
+    from filelock import FileLock
+
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            result = build(str(root / name))
+            done.write_text(json.dumps(result))
+    return json.loads(done.read_text())
+
+
+def shared_run(root, name, argv_for):
+    """run_main(argv_for(folder)) once per session (built_once), as run_main's namespace."""
+
+    def build(folder):
+        r = run_main(argv_for(folder))
+        return dict(argv=r.argv, log=r.log, t0=r.t0, t1=r.t1)
+
+    r = built_once(root, name, build)
+    with contextlib.redirect_stdout(io.StringIO()):
+        cfg = lce.resolve_config(r["argv"])
+    return SimpleNamespace(argv=r["argv"], out=cfg.OUTPUT_DIR, log=r["log"], cfg=cfg, t0=r["t0"], t1=r["t1"])
 
 
 @pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory):
-    return build_tiny_dataset(str(tmp_path_factory.mktemp("data") / "shapes"))
+def tiny_model_dir(shared_root):
+    return built_once(shared_root, "tiny-sd", build_tiny_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(shared_root):
+    return built_once(shared_root, "shapes", build_tiny_dataset)
 
 
 @pytest.fixture(scope="session")
@@ -301,16 +351,31 @@ def load_tiny():
 
 
 @pytest.fixture(scope="session")
-def two_loras(tmp_path_factory, tiny_args):
+def two_loras(shared_root, tiny_args):
     """Two tiny LoRAs trained by the script: 'my_lora_model' (r=4, α=8, LOG_EVERY=1) and
     'my_second_lora_model' (r=8, α=4, another seed); the documents' examples load them by these names."""
-    root = tmp_path_factory.mktemp("two_loras")
     runs = {}
     for name, extra in (("my_lora_model", ["--LORA_RANK=4", "--LORA_ALPHA=8", "--LOG_EVERY=1"]),
                         ("my_second_lora_model", ["--LORA_RANK=8", "--LORA_ALPHA=4", "--SEED=7"])):
-        runs[name] = run_main(tiny_args(f"--OUTPUT_DIR={root / name}", "--MAX_TRAIN_STEPS=4",
-                                        "--VALIDATION_PROMPTS=a red circle", *extra))
+        runs[name] = shared_run(shared_root, name, lambda out, extra=extra: tiny_args(
+            f"--OUTPUT_DIR={out}", "--MAX_TRAIN_STEPS=4", "--VALIDATION_PROMPTS=a red circle", *extra))
     return runs
+
+
+@pytest.fixture(scope="session")
+def rerun_of_first_lora(shared_root, two_loras):
+    """The first small LoRA again, with settings that change no number of its training: files saved in
+    fp16, metrics every 3 steps also to TensorBoard, and RESUME_FROM=latest in a folder whose only
+    checkpoint is half-written (checkpoint-5/ without its state): it must start fresh."""
+    pytest.importorskip("tensorboard")
+
+    def argv_for(out):
+        os.makedirs(os.path.join(out, "checkpoint-5"))
+        argv = [a for a in two_loras["my_lora_model"].argv if not a.startswith(("--OUTPUT_DIR=", "--LOG_EVERY="))]
+        return argv + [f"--OUTPUT_DIR={out}", "--SAVE_DTYPE=fp16", "--LOG_EVERY=3", "--REPORT_TO=tensorboard",
+                       "--RESUME_FROM=latest"]
+
+    return shared_run(shared_root, "rerun_of_first_lora", argv_for)
 
 
 # The feature run: the text encoder trained too, LoRA+ with its own text-encoder rate, a cosine
@@ -319,13 +384,31 @@ FEATURE_RUN = dict(STEPS=10, WARMUP=2, LR=1e-3, TE_LR=3e-4, RATIO=16.0, RANK=4, 
 
 
 @pytest.fixture(scope="session")
-def feature_run(tmp_path_factory, tiny_args):
+def feature_run(shared_root, tiny_args):
     r = FEATURE_RUN
-    return run_main(tiny_args(f"--OUTPUT_DIR={tmp_path_factory.mktemp('feature_run') / 'out'}", "--TRAIN_TEXT_ENCODER=True",
-                              f"--MAX_TRAIN_STEPS={r['STEPS']}", "--CHECKPOINTING_STEPS=5", "--LR_SCHEDULER=cosine",
-                              f"--LR_WARMUP_STEPS={r['WARMUP']}", f"--LORAPLUS_LR_RATIO={r['RATIO']}", f"--LEARNING_RATE={r['LR']}",
-                              f"--TEXT_ENCODER_LEARNING_RATE={r['TE_LR']}", f"--LORA_RANK={r['RANK']}", f"--LORA_ALPHA={r['ALPHA']}",
-                              "--VALIDATION_STEPS=5", "--NUM_VALIDATION_SEEDS=2", "--SAVE_MERGED_MODEL=True", "--LOG_EVERY=1"))
+    return shared_run(shared_root, "feature_run", lambda out: tiny_args(
+        f"--OUTPUT_DIR={out}", "--TRAIN_TEXT_ENCODER=True", f"--MAX_TRAIN_STEPS={r['STEPS']}", "--CHECKPOINTING_STEPS=5",
+        "--LR_SCHEDULER=cosine", f"--LR_WARMUP_STEPS={r['WARMUP']}", f"--LORAPLUS_LR_RATIO={r['RATIO']}",
+        f"--LEARNING_RATE={r['LR']}", f"--TEXT_ENCODER_LEARNING_RATE={r['TE_LR']}", f"--LORA_RANK={r['RANK']}",
+        f"--LORA_ALPHA={r['ALPHA']}", "--VALIDATION_STEPS=5", "--NUM_VALIDATION_SEEDS=2", "--SAVE_MERGED_MODEL=True",
+        "--LOG_EVERY=1"))
+
+
+@pytest.fixture(scope="session")
+def demo_run(shared_root):
+    """The demo as a user runs it (`python lora_complete_example.py --DEMO=True`, a subprocess): its 100
+    training steps, with 2 sampler steps for its own pictures and report (the learning tests judge
+    the LoRA with their own rendering). SimpleNamespace(argv, out, cfg, stdout, stderr)."""
+
+    def build(out):
+        argv = ["--DEMO=True", "--NUM_INFERENCE_STEPS=2", f"--OUTPUT_DIR={out}"]
+        r = run_script(*argv)
+        return dict(argv=argv, stdout=r.stdout, stderr=r.stderr)
+
+    r = built_once(shared_root, "demo", build)
+    with contextlib.redirect_stdout(io.StringIO()):
+        cfg = lce.resolve_config(r["argv"])
+    return SimpleNamespace(argv=r["argv"], out=cfg.OUTPUT_DIR, cfg=cfg, stdout=r["stdout"], stderr=r["stderr"])
 
 
 def reference_unet(model_dir, folder, cfg):

@@ -1,7 +1,10 @@
-"""Checkpoints: an exact resume mid-epoch (the text encoder's adapter included), metrics.jsonl kept
-up to the checkpoint, CHECKPOINTS_TOTAL_LIMIT and RESUME_FROM=latest, folders plain tools can read,
-clear errors; Ctrl-C / SIGTERM save a checkpoint, print the resume command and exit 130 / 143; with
-several processes the stop flag is compared only where the processes sync anyway."""
+"""Checkpoints: an exact resume mid-epoch through RESUME_FROM=latest (the text encoder's adapter
+included), metrics.jsonl kept up to the checkpoint, CHECKPOINTS_TOTAL_LIMIT, folders plain tools can
+read, clear errors before any slow work; Ctrl-C (a user's subprocess) and SIGTERM save a checkpoint,
+print the resume command and exit 130 / 143; with several processes the stop flag is compared only
+where the processes sync anyway."""
+import contextlib
+import io
 import json
 import os
 import re
@@ -18,6 +21,8 @@ from conftest import (SCRIPT_NAME, capture_library_messages, fresh_pipe, key_com
                       run_main, start_script)
 from lora_tools.checkpoint import resolve_resume
 from lora_tools.config import UserError
+
+pytestmark = pytest.mark.xdist_group("checkpoints")  # one worker: the module fixtures are built once
 
 
 def max_abs_diff(a, b):
@@ -43,44 +48,34 @@ def metrics(folder):
 # ----------------------------------------------------------------------------- exact resume
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory, tiny_args):
-    """A: 12 steps, a checkpoint every 3, the newest 2 kept (6 and 9). B: A's settings resumed from A's
-    checkpoint-9 in another folder; 8 images, BATCH_SIZE=3 and GRADIENT_ACCUMULATION_STEPS=2 make 2
-    optimizer steps an epoch (the second on one micro-batch), so step 9 is mid-epoch. Then
-    RESUME_FROM=latest in A's own folder."""
+    """A: 12 steps, a checkpoint every 3, the newest 2 kept (6 and 9); 8 images, BATCH_SIZE=3 and
+    GRADIENT_ACCUMULATION_STEPS=2 make 2 optimizer steps an epoch (the second on one micro-batch), so
+    step 9 is mid-epoch. Then RESUME_FROM=latest in A's own folder: it continues from checkpoint-9."""
     root = tmp_path_factory.mktemp("resume")
     argv = tiny_args("--BATCH_SIZE=3", "--GRADIENT_ACCUMULATION_STEPS=2", "--LORA_DROPOUT=0.1", "--MAX_TRAIN_STEPS=12",
-                     "--CHECKPOINTING_STEPS=3", "--CHECKPOINTS_TOTAL_LIMIT=2", "--LOG_EVERY=1")
-    a = run_main(argv + [f"--OUTPUT_DIR={root / 'A'}"])
+                     "--CHECKPOINTING_STEPS=3", "--CHECKPOINTS_TOTAL_LIMIT=2", "--LOG_EVERY=1", f"--OUTPUT_DIR={root / 'A'}")
+    a = run_main(argv)
     after_a = dict(checkpoints=checkpoint_names(a.out), leftovers=leftovers(a.out), weights=lora_weights(a.out),
-                   metrics=metrics(a.out))
-    b = run_main(argv + [f"--OUTPUT_DIR={root / 'B'}", f"--RESUME_FROM={os.path.join(a.out, 'checkpoint-9')}"])
-    latest = run_main(argv + [f"--OUTPUT_DIR={root / 'A'}", "--RESUME_FROM=latest"])
-    return dict(a=a, after_a=after_a, b=b, latest=latest, argv=argv, root=root)
+                   metrics=metrics(a.out), at_9=lora_weights(os.path.join(a.out, "checkpoint-9")))
+    latest = run_main(argv + ["--RESUME_FROM=latest"])
+    return dict(a=a, after_a=after_a, latest=latest, argv=argv, root=root)
 
 
-def test_resumed_run_ends_with_the_same_weights_and_metrics(resume_runs):
-    a, b = resume_runs["a"], resume_runs["b"]
-    assert "2 steps/epoch" in a.log and re.search(r"resumed from .*checkpoint-9 at step 9", b.log), b.log
-    final = resume_runs["after_a"]["weights"]
-    assert max_abs_diff(final, lora_weights(os.path.join(a.out, "checkpoint-9"))) > 1e-4  # steps 10-12 trained something
-    assert max_abs_diff(final, lora_weights(b.out)) <= 1e-5
-    # metrics.jsonl: nothing before the checkpoint in B's new folder, the same losses after it
-    resumed = metrics(b.out)
-    assert [r["step"] for r in resumed] == [10, 11, 12]
-    for r, r_a in zip(resumed, resume_runs["after_a"]["metrics"][9:]):
-        assert (r["step"], r["epoch"], r["lr"]) == (r_a["step"], r_a["epoch"], r_a["lr"]) and r["loss"] == pytest.approx(r_a["loss"], rel=1e-5)
+def test_latest_resumes_mid_epoch_and_ends_with_the_same_weights_and_metrics(resume_runs):
+    a, latest, after_a = resume_runs["a"], resume_runs["latest"], resume_runs["after_a"]
+    assert "2 steps/epoch" in a.log and re.search(r"resumed from .*checkpoint-9 at step 9", latest.log), latest.log
+    assert max_abs_diff(after_a["weights"], after_a["at_9"]) > 1e-4  # steps 10-12 trained something
+    assert max_abs_diff(after_a["weights"], lora_weights(a.out)) <= 1e-5
+    assert "trained 3 steps" in latest.log
+    # metrics.jsonl: the lines up to the checkpoint kept, then the same steps, losses and rates again
+    again = metrics(a.out)
+    assert [(r["step"], r["epoch"], r["lr"]) for r in again] == [(r["step"], r["epoch"], r["lr"]) for r in after_a["metrics"]]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in after_a["metrics"]], rel=1e-5)
 
 
-def test_checkpoints_total_limit_keeps_the_newest_and_latest_continues_exactly(resume_runs):
-    out = resume_runs["a"].out
+def test_checkpoints_total_limit_keeps_the_newest_and_no_half_written_files(resume_runs):
     assert resume_runs["after_a"]["checkpoints"] == ["checkpoint-6", "checkpoint-9"] and resume_runs["after_a"]["leftovers"] == []
-    assert re.search(r"resumed from .*checkpoint-9 at step 9", resume_runs["latest"].log)
-    assert max_abs_diff(resume_runs["after_a"]["weights"], lora_weights(out)) <= 1e-5
-    assert checkpoint_names(out) == ["checkpoint-6", "checkpoint-9"]
-    # a resumed run keeps its folder's metrics up to the checkpoint and appends its own
-    again = metrics(out)
-    assert [(r["step"], r["lr"]) for r in again] == [(r["step"], r["lr"]) for r in resume_runs["after_a"]["metrics"]]
-    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in resume_runs["after_a"]["metrics"]], rel=1e-5)
+    assert checkpoint_names(resume_runs["a"].out) == ["checkpoint-6", "checkpoint-9"]  # the last step is no checkpoint
 
 
 def test_checkpoint_folder_is_readable_by_plain_tools(resume_runs, tiny_model_dir):
@@ -98,23 +93,23 @@ def test_checkpoint_folder_is_readable_by_plain_tools(resume_runs, tiny_model_di
     assert len([n for n, _ in pipe.unet.named_parameters() if "lora_" in n]) == len(lora_weights(ckpt)) > 0
 
 
-def test_resume_with_a_different_rank_or_from_a_non_checkpoint_is_a_clear_error(resume_runs):
+def test_resume_with_a_different_rank_fails_before_any_model_is_loaded(resume_runs):
     out = str(resume_runs["root"] / "rank8")
-    with pytest.raises(UserError) as e:
-        lce.main(resume_runs["argv"] + [f"--OUTPUT_DIR={out}", "--LORA_RANK=8",
-                                        f"--RESUME_FROM={os.path.join(resume_runs['a'].out, 'checkpoint-9')}"])
+    argv = [a for a in resume_runs["argv"] if not a.startswith("--OUTPUT_DIR=")]
+    printed = io.StringIO()
+    with pytest.raises(UserError) as e, contextlib.redirect_stdout(printed):
+        lce.main(argv + [f"--OUTPUT_DIR={out}", "--LORA_RANK=8",
+                         f"--RESUME_FROM={os.path.join(resume_runs['a'].out, 'checkpoint-9')}"])
     assert all(w in str(e.value) for w in ("LORA_RANK", "4", "8")) and "\n" not in str(e.value)
+    assert "trainable LoRA parameters" not in printed.getvalue()
     assert not os.path.exists(os.path.join(out, lce.WEIGHTS_NAME))
+
+
+def test_resume_from_a_folder_that_is_no_checkpoint_is_a_clear_error(resume_runs):
     for not_a_checkpoint in (resume_runs["a"].out, os.path.join(resume_runs["root"], "nowhere")):
         with pytest.raises(UserError, match="RESUME_FROM") as e:
-            resolve_resume(not_a_checkpoint, resume_runs["b"].out)
+            resolve_resume(not_a_checkpoint, resume_runs["a"].out)
         assert not_a_checkpoint in str(e.value)
-
-
-def test_latest_with_no_checkpoint_starts_fresh(tmp_path):
-    assert resolve_resume("latest", str(tmp_path)) is None
-    (tmp_path / "checkpoint-5").mkdir()  # incomplete: no training_state.pt
-    assert resolve_resume("latest", str(tmp_path)) is None
 
 
 def test_resume_includes_the_text_encoder(feature_run, tmp_path):
@@ -210,19 +205,16 @@ class Watched:
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, tiny_args):
-    """Two tiny runs of 5000 steps; once each has trained a step, one gets SIGINT (Ctrl-C), the other
-    SIGTERM (what `kill`, Slurm and docker stop send). {signal: (rc, output, OUTPUT_DIR, args)}"""
-    results = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
-        out = tmp_path_factory.mktemp(s.name.lower()) / "out"
-        run = Watched(tiny_args("--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", f"--OUTPUT_DIR={out}"))
-        try:
-            run.wait_for_training()
-            run.proc.send_signal(s)
-            results[s] = (*run.finish(), out, run.args)
-        finally:
-            run.kill()
-    return results
+    """A tiny run of 5000 steps, as a user starts it; once it has trained a step it gets SIGINT (Ctrl-C).
+    (rc, output, OUTPUT_DIR, args)"""
+    out = tmp_path_factory.mktemp("sigint") / "out"
+    run = Watched(tiny_args("--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", f"--OUTPUT_DIR={out}"))
+    try:
+        run.wait_for_training()
+        run.proc.send_signal(signal.SIGINT)
+        return (*run.finish(), out, run.args)
+    finally:
+        run.kill()
 
 
 def parse_stop(text, out):
@@ -231,11 +223,14 @@ def parse_stop(text, out):
     step, command = int(m.group(1)), m.group(2).strip()
     assert "--RESUME_FROM=" in command
     assert {"pytorch_lora_weights.safetensors", "training_config.json", "training_state.pt"} <= set(os.listdir(out / f"checkpoint-{step}"))
+    state = torch.load(out / f"checkpoint-{step}" / "training_state.pt", map_location="cpu", weights_only=True)
+    assert state["position"]["global_step"] == step
+    assert not (out / lce.WEIGHTS_NAME).exists()  # a stopped run leaves only the checkpoint
     return step, command
 
 
 def test_ctrl_c_checkpoints_prints_the_resume_command_and_it_works(interrupted):
-    rc, text, out, args = interrupted[signal.SIGINT]
+    rc, text, out, args = interrupted
     assert rc == 130 and "Traceback" not in text, text[-3000:]
     step, command = parse_stop(text, out)
     resume = shlex.split(command)
@@ -248,13 +243,26 @@ def test_ctrl_c_checkpoints_prints_the_resume_command_and_it_works(interrupted):
     assert (out / lce.WEIGHTS_NAME).is_file() and (out / "test_generation.png").is_file()
 
 
-def test_sigterm_checkpoints_and_exits_143(interrupted):
-    rc, text, out, _ = interrupted[signal.SIGTERM]
-    assert rc == 143 and "Traceback" not in text, text[-3000:]
-    step, _ = parse_stop(text, out)
-    state = torch.load(out / f"checkpoint-{step}" / "training_state.pt", map_location="cpu", weights_only=True)
-    assert state["position"]["global_step"] == step
-    assert not (out / lce.WEIGHTS_NAME).exists()  # stopped runs leave only the checkpoint
+def test_sigterm_checkpoints_and_exits_143(tiny_args, tmp_path):
+    """SIGTERM (what `kill`, Slurm and docker stop send), here to this process once the run (in this
+    process) has logged its first step: the same stop, with exit status 143."""
+    out = tmp_path / "out"
+    argv = tiny_args("--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", "--LOG_EVERY=1", f"--OUTPUT_DIR={out}")
+
+    def signal_once_training():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=signal_once_training, daemon=True).start()
+    printed = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(printed):
+        lce.main(argv)
+    assert e.value.code == 143
+    parse_stop(printed.getvalue(), out)
 
 
 def test_a_lora_trained_with_dropout_loads_without_it(resume_runs, tiny_model_dir):

@@ -3,6 +3,7 @@ captions (notices printed, unreadable files skipped), the latent cache giving th
 uncached path, and the data order: EpochShuffle, a pure function of (seed, epoch), split between
 processes by accelerate."""
 import io
+import json
 import os
 import re
 
@@ -15,7 +16,7 @@ import lora_complete_example as lce
 from conftest import capture_library_messages, collate
 from lora_tools.config import UserError
 from lora_tools.data import open_image, read_folder, to_rgb
-from lora_tools.demo import _tiny_tokenizer
+from tiny import _tiny_tokenizer
 
 
 def folder_cfg(folder, *extra):
@@ -384,3 +385,92 @@ def test_two_processes_each_get_their_own_share_of_every_epoch(make_cfg):
         assert len(shards[0]) == len(shards[1]) == 2  # steps per epoch are counted per process
         seen_by_epoch.append(seen)
     assert seen_by_epoch[0] != seen_by_epoch[1] != seen_by_epoch[2]
+
+
+# ----------------------------------------------------------------------------- a hub dataset, and the run's length
+HUB_IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def hub_dataset(tmp_path_factory):
+    """A dataset laid out as on the hub (data/train-*.parquet, images stored as bytes, columns "picture"
+    and "caption"), read offline through `datasets.load_dataset` with a cache of its own."""
+    import datasets
+    from datasets import Dataset, Features, Value
+
+    from tiny import COLOURS, make_shape_image
+
+    root = tmp_path_factory.mktemp("hub")
+    names, rows = list(COLOURS), {"picture": [], "caption": []}
+    for i in range(HUB_IMAGES):
+        colour, background = names[i % 4], names[(i + 1) % 4]
+        buf = io.BytesIO()
+        make_shape_image(colour, "circle", background, size=(72 + 4 * i, 64)).save(buf, format="PNG")
+        rows["picture"].append({"bytes": buf.getvalue(), "path": None})
+        rows["caption"].append(f"row {i}: a {colour} circle on a {background} background")
+    features = Features({"picture": datasets.Image(), "caption": Value("string")})
+    (root / "data").mkdir()
+    Dataset.from_dict(rows, features=features).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    with pytest.MonkeyPatch.context() as mp:  # its Arrow cache under this test's folder, not the user's
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(root / "cache"))
+        yield str(root), rows
+
+
+@pytest.fixture(scope="module")
+def hub_run(hub_dataset, tiny_args, tmp_path_factory):
+    """DATASET_NAME (no DATA_DIR), IMAGE_COLUMN set (no guess fits "picture"), the caption column guessed,
+    the first 6 of 8 rows (MAX_TRAIN_SAMPLES), the run's length from NUM_EPOCHS=2 (no MAX_TRAIN_STEPS),
+    and OUTPUT_NAME for the WebUI file's name."""
+    from conftest import run_main
+
+    return run_main(tiny_args("--DATA_DIR=None", f"--DATASET_NAME={hub_dataset[0]}", "--IMAGE_COLUMN=picture",
+                              "--MAX_TRAIN_SAMPLES=6", "--NUM_EPOCHS=2", "--LOG_EVERY=1", "--OUTPUT_NAME=hub_lora",
+                              f"--OUTPUT_DIR={tmp_path_factory.mktemp('hub_run') / 'out'}"))
+
+
+def test_a_hub_dataset_trains_its_first_rows_for_num_epochs(hub_run, hub_dataset):
+    _, rows = hub_dataset
+    images, captions = lce.load_captioned_images(hub_run.cfg, show_progress=False)
+    assert captions == rows["caption"][:6]  # the first six rows, each with its own caption
+    for img, stored in zip(images, rows["picture"]):
+        assert np.array_equal(np.asarray(to_rgb(img)), np.asarray(Image.open(io.BytesIO(stored["bytes"])).convert("RGB")))
+    # 6 images, batch 4: 2 optimizer steps an epoch (4 + 2 images), NUM_EPOCHS=2: 4 steps
+    assert "6 images at 64px" in hub_run.log and "2 steps/epoch, 4 steps, 2 epochs" in hub_run.log, hub_run.log
+    with open(os.path.join(hub_run.out, "metrics.jsonl")) as f:
+        assert [(r["step"], r["epoch"]) for r in map(json.loads, f)] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+
+
+def test_output_name_names_the_webui_file(hub_run, tiny_model_dir):
+    from conftest import fresh_pipe, maxdiff, pipe_outputs, read_safetensors
+
+    assert sorted(n for n in os.listdir(hub_run.out) if n.endswith(".safetensors")) == ["hub_lora.safetensors", lce.WEIGHTS_NAME]
+    _, meta = read_safetensors(os.path.join(hub_run.out, "hub_lora.safetensors"))
+    assert meta["ss_output_name"] == meta["modelspec.title"] == "hub_lora" and meta["ss_num_train_images"] == "6"
+    y = pipe_outputs(fresh_pipe(tiny_model_dir, hub_run.out, weight_name="hub_lora.safetensors"))[0]
+    assert maxdiff(y, pipe_outputs(fresh_pipe(tiny_model_dir, hub_run.out))[0]) <= 1e-5  # the same adapter
+
+
+def test_a_hub_dataset_column_that_cannot_be_guessed_is_named(hub_dataset, make_cfg):
+    with pytest.raises(UserError, match=r"could not tell which column holds the images; the columns are \['caption', 'picture'\]"):
+        lce.load_captioned_images(make_cfg("--DATA_DIR=None", f"--DATASET_NAME={hub_dataset[0]}"), show_progress=False)
+    with pytest.raises(UserError, match=r"CAPTION_COLUMN='text' is not a column"):
+        lce.load_captioned_images(make_cfg("--DATA_DIR=None", f"--DATASET_NAME={hub_dataset[0]}", "--IMAGE_COLUMN=picture",
+                                           "--CAPTION_COLUMN=text"), show_progress=False)
+
+
+def test_a_hub_dataset_offline_and_not_cached_is_one_line_saying_so(make_cfg):
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1 forbids downloading") as e:
+        lce.load_captioned_images(make_cfg("--DATA_DIR=None", "--DATASET_NAME=nobody/no-such-dataset"), show_progress=False)
+    assert "DATASET_NAME='nobody/no-such-dataset'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_metadata_csv_with_a_caption_column_of_its_own(tmp_path, capsys):
+    from tiny import make_shape_image
+
+    for i in range(3):
+        make_shape_image("red", "square", "blue").save(tmp_path / f"{i}.png")
+    (tmp_path / "metadata.csv").write_text('file_name,prompt,notes\n0.png,"a red square, centred",x\n1.png,a red square,y\n'
+                                           '2.png,,z\n', encoding="utf-8")
+    assert [c for _, c in read_folder(str(tmp_path), log=print)] == ["a red square, centred", "a red square", ""]
+    assert "1 image(s)" in capsys.readouterr().out  # 2.png has an empty caption, said once
+    assert [c for _, c in read_folder(str(tmp_path), "notes", log=print)] == ["x", "y", "z"]  # --CAPTION_COLUMN=notes

@@ -114,23 +114,6 @@ def test_python_block_runs(doc, index, line, code, markers, tiny_model_dir, doc_
                              f"--- the block as run ---\n{code}") from e
 
 
-def test_substitution_table():
-    dirs = {"my_lora_model": "/t/a", "my_second_lora_model": "/t/b"}
-    code = ('p = P.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16).to("cuda")\n'
-            'p.load_lora_weights("my_lora_model/x.safetensors"); p.load_lora_weights("my_second_lora_model")\n'
-            'q(torch_dtype=torch.float16, height=512, width=512, num_inference_steps=30)')
-    assert substitute(code, "/m", dirs) == (
-        'p = P.from_pretrained("/m", dtype=torch.float32).to("cpu")\n'
-        'p.load_lora_weights("/t/a/x.safetensors"); p.load_lora_weights("/t/b")\n'
-        'q(torch_dtype=torch.float32, height=64, width=64, num_inference_steps=2)')
-
-
-def test_markers_are_read():
-    text = "a\n<!-- doc-test: skip (needs the hub) -->\n```python\nx = 1\n```\n\n```python\ny = 2\n```\n"
-    (_, _, m1, _), (_, _, m2, _) = fenced_blocks(text)
-    assert m1 == {"skip": "needs the hub"} and m2 == {}
-
-
 def test_the_documents_have_python_examples():
     counts = {name: sum(lang == "python" for lang, *_ in fenced_blocks(read(name))) for name in DOCS[1:]}
     assert all(counts.values()), counts
@@ -160,12 +143,6 @@ def tutorial_chapter4():
     m = re.search(r"^## 4\. .*?$(.*?)^## 5\. ", text, re.S | re.M)
     assert m, "the tutorial has no chapter 4 followed by a chapter 5"
     return [(int(a), int(b), t.strip()) for a, b, t in re.findall(r"^### (\d+)\.(\d+)\s+(.+)$", m.group(1), re.M)]
-
-
-def test_script_banners_are_parsed():
-    sections = script_sections()
-    assert [n for n, _ in sections] == list(range(1, 9)), sections
-    assert sections[0] == (1, "Configuration")
 
 
 def test_chapter_4_mirrors_the_script_sections():
@@ -242,7 +219,9 @@ def settings_mentioned(text):
 def test_every_upper_case_name_is_a_setting(doc):
     known = set(lce.CONFIG_KEYS) | ALLOWED_NON_CONFIG
     unknown = {}
-    for name, lineno, line in settings_mentioned(read(doc)):
+    mentioned = settings_mentioned(read(doc))
+    assert len({name for name, _, _ in mentioned} & set(lce.CONFIG_KEYS)) >= 10, "the documents name settings: none found"
+    for name, lineno, line in mentioned:
         if name in known:
             continue
         others = [script_options(s) or set() for s in {m.group(1) for m in SCRIPT_RE.finditer(line)} - {MAIN_SCRIPT}]
@@ -280,33 +259,9 @@ def override_problems(text):
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_override_names_a_setting_and_a_valid_value(doc):
+    assert len(OVERRIDE_RE.findall(read(doc))) >= 5, f"{doc} gives --NAME=value examples: none found"
     problems = override_problems(read(doc))
     assert not problems, f"{doc}:\n" + "\n".join(problems)
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("--LORA_RANK=8`", [("LORA_RANK", "8")]),
-    ("(`--TARGET_MODULES=to_q,to_v`)", [("TARGET_MODULES", "to_q,to_v")]),
-    ("--MIXED_PRECISION=no to confirm", [("MIXED_PRECISION", "no")]),
-    ("`--NAME=value`", [("NAME", "value")]),
-    ("--DATA_DIR=./my_images --LORA_RANK=8, then", [("DATA_DIR", "./my_images"), ("LORA_RANK", "8")]),
-])
-def test_override_pattern(text, expected):
-    assert OVERRIDE_RE.findall(text) == expected
-
-
-def test_override_checks_catch_mistakes():
-    assert override_problems("python lora_complete_example.py --LORA_RANK=8 --LORA_RANK=$r --RESUME_FROM=latest") == []
-    assert len(override_problems("python lora_complete_example.py --LORA_RANKK=8 --LORA_RANK=8.5")) == 2
-    assert override_problems("python benchmarks/bench_train.py --MODELS=sd15 --LORA_RANK=4") == []
-    assert len(override_problems("python benchmarks/bench_train.py --NOT_AN_OPTION=1")) == 1
-    assert len(override_problems("python no_such_script.py --X_Y=1")) == 1
-
-
-def test_name_patterns():
-    found = {n for n, _, _ in settings_mentioned("use `SEED`, LORA_RANK, W_Q and `OUTPUT_DIR/<OUTPUT_NAME>.safetensors`; "
-                                                 "not lora_unet_x or `Linear`")}
-    assert found == {"SEED", "LORA_RANK", "OUTPUT_DIR", "OUTPUT_NAME"}
 
 
 @pytest.mark.parametrize("doc", DOCS)
@@ -383,27 +338,10 @@ def wrong_lora_pages(text):
     return [(item, list(pages)) for item, pages, _ in page_citations(text) if item in LORA_PAGES and LORA_PAGES[item] not in pages]
 
 
-def test_citation_parser_on_examples():
-    good = ('LoRA\'s Section 4.2, "Applying LoRA to Transformer" (arXiv v2\np.5), names four. '
-            "**Table 5 (arXiv v2 p.10, Section 7.1)** fixes. Eq. (3) (p.4, Section 4.1). "
-            "DDPM (Ho et al., Section 2, p.2, Eq. (4)). Min-SNR's Section 4.2 (p.7).\n"
-            "| LoRA, arXiv v2 p.19, Appendix D.1, Table 9 |\n"
-            "- p.1, Abstract: the headline.\n  - p.4, Sec. 4.1, Eq. (3): h = W0x + BAx; the α/r scale.\n"
-            "- p.10, Sec. 7.1, Table 5: which matrices; Sec. 7.2, Table 6: rank.\n")
-    cited = [(item, list(pages)) for item, pages, _ in page_citations(good)]
-    for expected in [(("Section", "4.2"), [5]), (("Section", "7.1"), [10]), (("Table", "9"), [19]), (("Eq", "3"), [4]),
-                     (("Table", "5"), [10])]:
-        assert expected in cited, (expected, cited)
-    assert not [c for c in cited if c[0] == ("Section", "2")], "DDPM's Section 2 taken for LoRA's"
-    assert wrong_lora_pages(good) == []
-    bad = ('LoRA\'s Section 4.2, "Application to Transformers" (p.4). Section 7.1, Table 5 (Page 9). '
-           "- p.18, Table 9: training hyperparameters.\n\nThe core formula (p.3, Section 4.1, Eq. (3)).")
-    assert wrong_lora_pages(bad) == [(("Section", "4.2"), [4]), (("Table", "5"), [9]), (("Table", "9"), [18]),
-                                     (("Eq", "3"), [3])]
-
-
 @pytest.mark.parametrize("doc", DOCS)
 def test_lora_page_citations_match_the_citation_sheet(doc):
+    cited = {item for item, _, _ in page_citations(read(doc))} & set(LORA_PAGES)
+    assert len(cited) >= 3, f"{doc} cites the LoRA paper's pages: found only {cited}"
     wrong = [f"{item[0]} {item[1]} cited on p.{pages[0]}{'–' + str(pages[-1]) if len(pages) > 1 else ''} "
              f"(the sheet says p.{LORA_PAGES[item]}): ...{clause[:120]}..."
              for item, pages, clause in page_citations(read(doc)) if item in LORA_PAGES and LORA_PAGES[item] not in pages]
@@ -411,10 +349,6 @@ def test_lora_page_citations_match_the_citation_sheet(doc):
 
 
 NEGATIONS = ("not a claim", "not a paper claim", "not in the paper", "never states", "does not claim", "no such claim")
-
-
-def test_99_percent_check_sees_a_bare_claim():
-    assert not any(n in "lora trains 0.1% of the parameters and gets 99% of the quality." for n in NEGATIONS)
 
 
 @pytest.mark.parametrize("doc", DOCS)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora_complete_example as lce
-from conftest import REPO_ROOT, python_driver, run_script
+from conftest import REPO_ROOT, finish, python_driver, start_script
 from lora_tools.files import atomic_path
 
 OOM_SETTINGS = ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "GRADIENT_CHECKPOINTING", "RESOLUTION", "CACHE_LATENTS",
@@ -52,19 +52,22 @@ def failing_runs(tmp_path_factory, tiny_args):
                            "def out_of_memory(*args, **kwargs):\n"
                            "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
                            "torch.nn.functional.mse_loss = out_of_memory")
-    return dict(out=str(out), before=before,
-                diverge=run_script(*tiny_args("--MAX_TRAIN_STEPS=10", "--LEARNING_RATE=1e30", "--CHECKPOINTING_STEPS=None",
-                                             f"--OUTPUT_DIR={out}"), check=False, timeout=300),
-                oom=run_script(*tiny_args("--MAX_TRAIN_STEPS=5", f"--OUTPUT_DIR={out.parent / 'oom_out'}"), program=driver,
-                               check=False, timeout=300))
+    # started side by side: each mostly waits for its imports
+    diverge = start_script(*tiny_args("--MAX_TRAIN_STEPS=10", "--LEARNING_RATE=1e30", "--CHECKPOINTING_STEPS=None",
+                                      f"--OUTPUT_DIR={out}"))
+    oom = start_script(*tiny_args("--MAX_TRAIN_STEPS=5", f"--OUTPUT_DIR={out.parent / 'oom_out'}"), program=driver)
+    return dict(out=str(out), before=before, diverge=finish(diverge, timeout=300, check=False),
+                oom=finish(oom, timeout=300, check=False))
 
 
+@pytest.mark.xdist_group("failures")
 def test_divergence_exits_2_with_one_error_line_naming_learning_rate(failing_runs):
     r = failing_runs["diverge"]
     assert r.returncode == 2, r.stderr[-3000:]
     assert_one_error_line(r, "training diverged", "LEARNING_RATE")
 
 
+@pytest.mark.xdist_group("failures")
 def test_divergence_leaves_existing_weights_and_checkpoints_byte_identical(failing_runs):
     after = file_bytes(failing_runs["out"])
     for name, data in failing_runs["before"].items():
@@ -73,6 +76,7 @@ def test_divergence_leaves_existing_weights_and_checkpoints_byte_identical(faili
     assert not any(n.startswith("checkpoint-") and n != "checkpoint-3" for n in os.listdir(failing_runs["out"]))
 
 
+@pytest.mark.xdist_group("failures")
 def test_out_of_memory_exits_3_naming_the_settings_to_change(failing_runs):
     r = failing_runs["oom"]
     assert r.returncode == 3, r.stderr[-3000:]

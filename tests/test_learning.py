@@ -2,16 +2,18 @@
 purple, and base + LoRA, loaded with plain diffusers, draws purple on prompts the LoRA never saw.
 
 A picture is judged by lora_tools/shapes.py (pixel arithmetic, no learned model). The negative controls
-are the same LoRA at scale 0 (it must draw like the base model) and a LoRA trained the same way on the
-same pictures whose captions never say "purple" (they say "violet"): it changes the model as much, but
-draws purple for a "purple" prompt far less often.
+are the same LoRA at scale 0 (it must draw exactly the base model's pictures) and a LoRA trained the
+same way on the same pictures whose captions never say "purple" (they say "violet"): it changes the
+model as much, but draws purple for a "purple" prompt far less often.
 It fails if the judge or the test could pass by accident (a LoRA that paints everything purple, a
 judge that sees purple everywhere), and the main test fails if the training signal is broken
 (captions paired with the wrong images, a wrong latent scale or target, a LoRA loaded at the wrong strength).
+The demo's run is conftest.demo_run, which test_end_to_end also reads (one xdist group: one worker).
 """
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,9 +23,11 @@ from lora_tools.shapes import CONCEPT_HELD_OUT, NEW_COLOUR, build_concept_datase
 BASE = os.path.join(REPO_ROOT, "demo_base")
 # Measured with the shipped demo_base/ (held-out base-world prompts 52% drawn fully right), the demo's own
 # report (4 seeds, 20 sampler steps): purple 4% -> 64% on the held-out purple prompts, all three right 0% -> 54%,
-# the base world 52% -> 45%. The thresholds below leave room for this test's shorter rendering (3 seeds, 15 steps).
+# the base world 52% -> 45%. In this test's rendering (3 seeds, 15 steps): purple 0% -> 67%, all three right
+# 0% -> 57%, the base world 43% -> 37%, the violet control 24%. The thresholds below sit near those numbers.
 SEEDS = [0, 1, 2]
 STEPS, GUIDANCE = 15, 4.0  # sampler steps and guidance for judging (the demo judges with 20)
+pytestmark = pytest.mark.xdist_group("demo")
 
 
 def render(pipe, combos):
@@ -33,12 +37,14 @@ def render(pipe, combos):
 
 
 def judge(pipe, combos):
-    return score(render(pipe, combos), [c for c in combos for _ in SEEDS])
+    """(scores, pictures) of one picture per combination and seed."""
+    images = render(pipe, combos)
+    return score(images, [c for c in combos for _ in SEEDS]), images
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The demo's LoRA (its settings, shorter rendering) and the control LoRA ("violet" captions)."""
+def violet(tmp_path_factory, demo_run):
+    """The control LoRA: the demo's settings and pictures, its captions saying "violet" for "purple"."""
     root = tmp_path_factory.mktemp("learning")
     violet = root / "violet-shapes"
     build_concept_dataset(str(root / "purple-shapes"))  # the demo's pictures and captions, then renamed
@@ -48,29 +54,31 @@ def trained(tmp_path_factory):
             rec = json.loads(line)
             os.link(root / "purple-shapes" / rec["file_name"], violet / rec["file_name"])
             g.write(json.dumps(dict(rec, text=rec["text"].replace(NEW_COLOUR, "violet"))) + "\n")
-    fast = ["--DEMO=True", "--NUM_INFERENCE_STEPS=2", "--VALIDATION_PROMPTS=a purple circle on a red background"]
-    runs = {"purple": run_main([*fast, f"--OUTPUT_DIR={root / 'purple'}"]),
-            "violet": run_main([*fast, f"--DATA_DIR={violet}", f"--OUTPUT_DIR={root / 'violet'}"])}
-    return runs
+    argv = [a for a in demo_run.argv if not a.startswith("--OUTPUT_DIR=")]
+    return run_main([*argv, f"--DATA_DIR={violet}", f"--OUTPUT_DIR={root / 'violet'}"])
 
 
 @pytest.fixture(scope="module")
-def scores(trained):
-    """Concept and base-world scores of base, base + LoRA, the LoRA at scale 0, and the control LoRA,
-    each loaded as a user loads it: from_pretrained + load_lora_weights."""
+def scores(demo_run, violet):
+    """Concept and base-world scores of base, base + the demo's LoRA and the control LoRA, each loaded
+    as a user loads it (from_pretrained + load_lora_weights); and the demo's LoRA at scale 0, whose
+    pictures must be the base model's, pixel for pixel (the first two held-out prompts, every seed)."""
     from diffusers import StableDiffusionPipeline
 
     _, base_world = split_base_world()
     pipe = StableDiffusionPipeline.from_pretrained(BASE, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    out = {"base": {"concept": judge(pipe, CONCEPT_HELD_OUT), "base_world": judge(pipe, base_world)}}
-    pipe.load_lora_weights(trained["purple"].out, adapter_name="purple")
-    out["lora"] = {"concept": judge(pipe, CONCEPT_HELD_OUT), "base_world": judge(pipe, base_world)}
+    out = {"base": {"concept": judge(pipe, CONCEPT_HELD_OUT)[0], "base_world": judge(pipe, base_world)[0]}}
+    base_pictures = render(pipe, CONCEPT_HELD_OUT[:2])  # (a batch of the same size as scale 0's: the same arithmetic)
+    pipe.load_lora_weights(demo_run.out, adapter_name="purple")
+    out["lora"] = {"concept": judge(pipe, CONCEPT_HELD_OUT)[0], "base_world": judge(pipe, base_world)[0]}
     pipe.set_adapters(["purple"], adapter_weights=[0.0])
-    out["scale 0"] = {"concept": judge(pipe, CONCEPT_HELD_OUT)}
-    pipe.load_lora_weights(trained["violet"].out, adapter_name="violet")
+    scale0 = render(pipe, CONCEPT_HELD_OUT[:2])
+    out["scale 0: max |pixel - base pixel|"] = int(max(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()
+                                                    for a, b in zip(scale0, base_pictures)))
+    pipe.load_lora_weights(violet.out, adapter_name="violet")
     pipe.set_adapters(["violet"])
-    out["violet"] = {"concept": judge(pipe, CONCEPT_HELD_OUT)}
+    out["violet"] = {"concept": judge(pipe, CONCEPT_HELD_OUT)[0]}
     print(json.dumps(out, indent=1))
     return out
 
@@ -81,21 +89,22 @@ def test_base_model_cannot_draw_purple(scores):
 
 def test_lora_teaches_purple_on_prompts_it_never_saw(scores):
     base, lora = scores["base"]["concept"], scores["lora"]["concept"]
-    assert lora["colour"] >= 0.4 and lora["colour"] >= base["colour"] + 0.3, (base, lora)
-    assert lora["all"] >= base["all"] + 0.25, (base, lora)  # purple triangles and purple on yellow, all three right
+    assert lora["colour"] >= 0.5 and lora["colour"] >= base["colour"] + 0.4, (base, lora)
+    assert lora["all"] >= base["all"] + 0.4, (base, lora)  # purple triangles and purple on yellow, all three right
 
 
 def test_lora_keeps_most_of_the_base_models_skill(scores):
     base, lora = scores["base"]["base_world"]["all"], scores["lora"]["base_world"]["all"]
-    assert lora >= base - 0.25, (base, lora)
+    assert lora >= base - 0.12, (base, lora)  # measured: 6 points lost (43% -> 37%)
 
 
-def test_negative_controls_score_like_the_base(scores):
-    base, lora = scores["base"]["concept"]["colour"], scores["lora"]["concept"]["colour"]
-    assert abs(scores["scale 0"]["concept"]["colour"] - base) <= 0.05, scores  # the same adapter, switched off
+def test_negative_controls(scores):
+    # the same adapter, switched off (adapter weight 0): exactly the base model's pictures
+    assert scores["scale 0: max |pixel - base pixel|"] == 0, scores
     # the same pictures, captions saying "violet": that LoRA learned the colour too, and paints some of it on
     # every prompt (measured: 24% of the held-out purple prompts, against 67% for the demo's LoRA), but far
     # less for the word "purple", which its captions never said
+    lora = scores["lora"]["concept"]["colour"]
     assert scores["violet"]["concept"]["colour"] <= lora - 0.3, scores
 
 

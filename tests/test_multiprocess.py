@@ -20,7 +20,7 @@ import torch
 import lora_complete_example as lce
 from conftest import (WEBUI_NAME, capture_library_messages, finish, fresh_pipe, key_complaints, lora_weights, maxdiff,
                       pipe_outputs, python_driver, run_main, start_script)
-from lora_tools.demo import make_shape_image
+from tiny import make_shape_image
 
 STEPS = 4
 SETTINGS = dict(RESOLUTION=64, MIXED_PRECISION="no", BATCH_SIZE=1, GRADIENT_ACCUMULATION_STEPS=1, RANDOM_FLIP=False,
@@ -48,8 +48,9 @@ def runs(tmp_path_factory, tiny_model_dir):
                            "    print(f'torch.compile({type(model).__name__})', flush=True)\n"
                            "    return _compile(model, backend='eager')\n"
                            "torch.compile = compile_eager")
-    one = run_main(args[2] + [f"--OUTPUT_DIR={root / 'one'}"])
-    two = finish(start_script(*args[4], "--COMPILE=True", f"--OUTPUT_DIR={root / 'two'}", program=driver, launch=True))
+    two = start_script(*args[4], "--COMPILE=True", f"--OUTPUT_DIR={root / 'two'}", program=driver, launch=True)
+    one = run_main(args[2] + [f"--OUTPUT_DIR={root / 'one'}"])  # here, while the two processes start
+    two = finish(two)
     again = finish(start_script(*args[4], f"--OUTPUT_DIR={root / 'again'}", f"--RESUME_FROM={root / 'two' / 'checkpoint-2'}", launch=True))
     return dict(two=two, again=again, one=one, out={k: str(root / k) for k in ("two", "again", "one")})
 

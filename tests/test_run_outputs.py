@@ -111,28 +111,21 @@ def test_rank_spectrum_table_and_plot_are_those_of_the_saved_adapter(feature_run
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl and TensorBoard
-@pytest.fixture(scope="module")
-def tensorboard_run(two_loras, tmp_path_factory):
-    """The first small LoRA (LOG_EVERY=1) again, logging every 3 steps, also to TensorBoard."""
-    pytest.importorskip("tensorboard")
-    argv = [a for a in two_loras["my_lora_model"].argv if not a.startswith(("--OUTPUT_DIR=", "--LOG_EVERY="))]
-    return run_main(argv + [f"--OUTPUT_DIR={tmp_path_factory.mktemp('tb') / 'out'}", "--LOG_EVERY=3", "--REPORT_TO=tensorboard"])
-
-
-def test_a_metrics_line_is_the_mean_loss_of_its_log_every_steps(two_loras, tensorboard_run):
+def test_a_metrics_line_is_the_mean_loss_of_its_log_every_steps(two_loras, rerun_of_first_lora):
+    """The first small LoRA (LOG_EVERY=1) again, logging every 3 steps (conftest.rerun_of_first_lora)."""
     per_step = metrics(two_loras["my_lora_model"])
     assert [r["step"] for r in per_step] == [1, 2, 3, 4]
-    lines = metrics(tensorboard_run)
+    lines = metrics(rerun_of_first_lora)
     assert [(r["step"], r["epoch"], r["lr"]) for r in lines] == [(3, 1, 1e-3), (4, 1, 1e-3)]  # and the last step
     assert lines[0]["loss"] == pytest.approx(sum(r["loss"] for r in per_step[:3]) / 3, rel=1e-6)
     assert lines[1]["loss"] == pytest.approx(per_step[3]["loss"], rel=1e-6)
     assert max(r["loss"] for r in per_step[:3]) - min(r["loss"] for r in per_step[:3]) > 1e-4  # a mean, not any one step
 
 
-def test_tensorboard_gets_the_metrics_lines(tensorboard_run):
+def test_tensorboard_gets_the_metrics_lines(rerun_of_first_lora):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    event_dirs = sorted({root for root, _, files in os.walk(os.path.join(tensorboard_run.out, "logs"))
+    event_dirs = sorted({root for root, _, files in os.walk(os.path.join(rerun_of_first_lora.out, "logs"))
                          for f in files if f.startswith("events.out.tfevents")})
     accumulators = []
     for d in event_dirs:  # accelerate writes the scalars in logs/lora and the hparams in a subfolder
@@ -143,7 +136,7 @@ def test_tensorboard_gets_the_metrics_lines(tensorboard_run):
     assert len(accumulators) == 1, event_dirs
     for tag in ("loss", "lr"):
         events = accumulators[0].Scalars(tag)
-        assert [(e.step, e.value) for e in events] == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in metrics(tensorboard_run)]
+        assert [(e.step, e.value) for e in events] == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in metrics(rerun_of_first_lora)]
 
 
 # ----------------------------------------------------------------------------- the printed recipe

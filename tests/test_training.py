@@ -306,3 +306,49 @@ def test_gradient_checkpointing_is_used_and_gives_the_same_gradients(make_cfg, l
     assert torch.equal(loss0, loss1) and math.isfinite(loss0.item())
     for a, b in zip(grads0, grads1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_v_prediction_target_is_the_velocity(make_cfg, load_tiny, schedulers):
+    """A v-prediction model (SD 2.x's 768-px models) learns v = √ᾱ_t·ε − √(1-ᾱ_t)·z0 (Salimans & Ho 2022),
+    computed here by hand from the same random draws."""
+    _, v_sched = schedulers
+    unet = load_tiny(make_cfg())[3]
+    g = torch.Generator().manual_seed(3)
+    B = 4
+    batch = {"latent_mean": torch.randn(B, 4, 8, 8, generator=g), "latent_std": 0.1 * torch.rand(B, 4, 8, 8, generator=g),
+             "text_emb": torch.randn(B, 77, 32, generator=g)}
+    sf = 0.18215
+    with torch.no_grad():
+        torch.manual_seed(9)
+        loss = lce.compute_loss(batch, unet, v_sched, sf).item()
+        torch.manual_seed(9)
+        z0 = ((batch["latent_mean"] + batch["latent_std"] * torch.randn(B, 4, 8, 8)) * sf).double()
+        eps = torch.randn(B, 4, 8, 8).double()
+        t = torch.randint(0, 1000, (B,))
+        ac = v_sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+        pred = unet((ac.sqrt() * z0 + (1 - ac).sqrt() * eps).float(), t, batch["text_emb"], return_dict=False)[0].double()
+    v = ac.sqrt() * eps - (1 - ac).sqrt() * z0
+    assert loss == pytest.approx(((pred - v) ** 2).mean().item(), rel=1e-5)
+    assert abs(loss - ((pred - eps) ** 2).mean().item()) > 1e-3 * loss  # not the ε target
+
+
+@pytest.fixture(scope="module")
+def first_step_losses(tiny_args, tmp_path_factory):
+    """The logged loss of the first optimizer step (the same draws: same seed, LoRA B = 0) of a plain
+    run, one with --SNR_GAMMA=1.0 and one with --NOISE_OFFSET=0.1, as a user gives them."""
+    from conftest import run_main
+
+    losses = {}
+    for name, extra in (("plain", []), ("snr", ["--SNR_GAMMA=1.0"]), ("offset", ["--NOISE_OFFSET=0.1"])):
+        out = tmp_path_factory.mktemp(name) / "out"
+        run_main(tiny_args("--MAX_TRAIN_STEPS=1", "--BATCH_SIZE=8", "--LOG_EVERY=1", f"--OUTPUT_DIR={out}", *extra))
+        with open(out / "metrics.jsonl") as f:
+            losses[name] = json.loads(f.readline())["loss"]
+    return losses
+
+
+def test_snr_gamma_and_noise_offset_on_the_command_line_reach_the_loss(first_step_losses):
+    plain, snr, offset = first_step_losses["plain"], first_step_losses["snr"], first_step_losses["offset"]
+    # Min-SNR weights min(SNR, γ)/SNR <= 1, below 1 where SNR(t) > γ: the same draws give a smaller loss
+    assert 0 < snr < 0.99 * plain, first_step_losses
+    assert abs(offset - plain) > 1e-5 * plain, first_step_losses  # other noise, other loss (float noise: ~1e-7)

@@ -79,30 +79,33 @@ def test_webui_file_ss_metadata_matches_the_run(feature_run, tiny_model_dir, tin
 
 
 # ----------------------------------------------------------------------------- SAVE_DTYPE=fp16
-@pytest.fixture(scope="module")
-def fp16_run(two_loras, tmp_path_factory):
-    """The second of the two small LoRAs again, with SAVE_DTYPE=fp16: the same training, other files."""
-    return rerun(two_loras["my_second_lora_model"], tmp_path_factory.mktemp("fp16") / "out", "--SAVE_DTYPE=fp16")
-
-
 @pytest.mark.parametrize("name", [lce.WEIGHTS_NAME, WEBUI_NAME])
-def test_fp16_files_are_the_fp32_files_rounded_once_in_half_the_bytes(two_loras, fp16_run, name):
-    fp32_path = os.path.join(two_loras["my_second_lora_model"].out, name)
-    fp16, fp32 = lora_weights(fp16_run.out, name), lora_weights(os.path.dirname(fp32_path), name)
+def test_fp16_files_are_the_fp32_files_rounded_once_in_half_the_bytes(two_loras, rerun_of_first_lora, name):
+    """The first small LoRA's run again with SAVE_DTYPE=fp16 (conftest.rerun_of_first_lora): the same
+    training, so its files are the fp32 files rounded once."""
+    fp32_path = os.path.join(two_loras["my_lora_model"].out, name)
+    fp16, fp32 = lora_weights(rerun_of_first_lora.out, name), lora_weights(os.path.dirname(fp32_path), name)
     assert fp16.keys() == fp32.keys() and maxdiff(fp32[next(iter(fp32))], 0) > 0
     for k, v in fp32.items():
         assert v.dtype == torch.float32 and fp16[k].dtype == torch.float16 and torch.equal(fp16[k], v.half()), k
-    assert 2 * tensor_bytes(os.path.join(fp16_run.out, name)) == tensor_bytes(fp32_path)
+    assert 2 * tensor_bytes(os.path.join(rerun_of_first_lora.out, name)) == tensor_bytes(fp32_path)
 
 
-def test_fp16_files_load_to_the_fp32_model_within_rounding(two_loras, fp16_run, tiny_model_dir):
-    assert os.path.isfile(os.path.join(fp16_run.out, "test_generation.png"))  # the run completed, reload check included
-    y32 = pipe_outputs(fresh_pipe(tiny_model_dir, two_loras["my_second_lora_model"].out))[0]
+def test_fp16_files_load_to_the_fp32_model_within_rounding(two_loras, rerun_of_first_lora, tiny_model_dir):
+    assert "reload check:" in rerun_of_first_lora.log  # the run's own check passed at fp16's tolerance
+    y32 = pipe_outputs(fresh_pipe(tiny_model_dir, two_loras["my_lora_model"].out))[0]
     effect = maxdiff(y32, pipe_outputs(fresh_pipe(tiny_model_dir))[0])
     assert effect > 1e-3
     for name in (lce.WEIGHTS_NAME, WEBUI_NAME):
-        d = maxdiff(pipe_outputs(fresh_pipe(tiny_model_dir, fp16_run.out, weight_name=name))[0], y32)
+        d = maxdiff(pipe_outputs(fresh_pipe(tiny_model_dir, rerun_of_first_lora.out, weight_name=name))[0], y32)
         assert d <= 2e-3 * max(1.0, y32.abs().max().item()) and d <= 0.05 * effect, (name, d, effect)
+
+
+def test_resume_from_latest_with_no_complete_checkpoint_starts_a_new_run(rerun_of_first_lora):
+    """RESUME_FROM=latest in a folder holding only a half-written checkpoint-5/: a new run, said in one
+    line (and the same training as without RESUME_FROM: the fp16 files above are the first LoRA's)."""
+    assert f"RESUME_FROM=latest: no checkpoint in {rerun_of_first_lora.out} yet, starting a new run" in rerun_of_first_lora.log
+    assert "resumed from" not in rerun_of_first_lora.log
 
 
 # ----------------------------------------------------------------------------- two LoRAs combined

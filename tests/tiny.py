@@ -1,10 +1,10 @@
-"""Tiny Stable-Diffusion-shaped assets for the offline demo and the tests.
+"""Tiny Stable-Diffusion-shaped assets for the tests.
 
 `build_tiny_pipeline` saves, in diffusers layout, a pipeline made of the real classes a Stable
 Diffusion 1.x checkpoint uses (CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel,
 a DDPM-family scheduler) with tiny widths and random weights. Loading it goes through exactly the
-same `from_pretrained` calls as the real model, so the demo and the tests exercise the real code
-path; only the sizes differ. Its images are noise: the weights were never trained.
+same `from_pretrained` calls as the real model, so the tests exercise the real code path; only
+the sizes differ. Its images are noise: the weights were never trained.
 
 `build_tiny_dataset` writes a small captioned image set (coloured shapes) as an imagefolder with
 metadata.jsonl, the layout `datasets`' "imagefolder" builder reads.
@@ -12,10 +12,10 @@ metadata.jsonl, the layout `datasets`' "imagefolder" builder reads.
 import json
 import os
 import random
-import shutil
-import tempfile
 
 import torch
+
+from lora_tools.files import atomic_folder
 
 # The tiny pipeline keeps SD1.x's structure: 4 VAE levels (8x downsampling, 4 latent channels),
 # a UNet with 3 cross-attention down blocks + 1 plain block, CLIP text encoder, 77-token prompts.
@@ -98,26 +98,6 @@ def build_tiny_components(seed=0, prediction_type="epsilon"):
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=_tiny_tokenizer(), scheduler=scheduler)
 
 
-def _atomic_build(path, write):
-    """Build into a temporary sibling folder, then rename, so a half-built cache never exists."""
-    if os.path.isdir(path):
-        return path
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".building-")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isdir(path):  # a concurrent builder may have won the race
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 def build_tiny_pipeline(path, seed=0, prediction_type="epsilon"):
     """Save a tiny StableDiffusionPipeline in diffusers layout at `path` (once; reused after)."""
 
@@ -132,7 +112,7 @@ def build_tiny_pipeline(path, seed=0, prediction_type="epsilon"):
         )
         pipe.save_pretrained(tmp)
 
-    return _atomic_build(path, write)
+    return atomic_folder(path, write)
 
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
@@ -169,4 +149,4 @@ def build_tiny_dataset(path, num_images=8, seed=0):
                 caption = f"a {colour} {shape} on a {background} background"
                 f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
 
-    return _atomic_build(path, write)
+    return atomic_folder(path, write)
