@@ -103,6 +103,36 @@ def test_atomic_path_failure_midway_keeps_the_old_file_and_leaves_no_temp(tmp_pa
     assert (tmp_path / "new.png").read_bytes() == b"complete"
 
 
+def build_after(barrier, path):
+    from lora_tools.shapes import build_concept_dataset
+
+    barrier.wait()  # both processes start building at the same moment
+    build_concept_dataset(path)
+
+
+def test_two_processes_building_the_demo_data_at_once_both_find_it_complete(tmp_path):
+    """The demo's pictures (.demo_cache/purple-shapes) are built by whichever process needs them first;
+    two at once (two test workers, two `accelerate launch` processes) must both end with the complete
+    folder: one rename wins, the other drops its copy. Three races, each from a fresh start."""
+    import multiprocessing
+
+    from lora_tools.shapes import CONCEPT_TRAIN
+
+    ctx = multiprocessing.get_context("fork")
+    for race in range(3):
+        path = str(tmp_path / f"race{race}" / "purple-shapes")
+        barrier = ctx.Barrier(2)
+        procs = [ctx.Process(target=build_after, args=(barrier, path)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0], race
+        names = sorted(os.listdir(path))
+        assert names == sorted([f"{i:03d}.png" for i in range(3 * len(CONCEPT_TRAIN))] + ["metadata.jsonl"])
+        assert os.listdir(os.path.dirname(path)) == ["purple-shapes"]  # no half-built copy left behind
+
+
 def project_sources():
     files = [lce.__file__, *glob.glob(os.path.join(REPO_ROOT, "lora_tools", "*.py")),
              *glob.glob(os.path.join(REPO_ROOT, "benchmarks", "*.py"))]
