@@ -124,6 +124,7 @@ def measure(spec):
     from accelerate import Accelerator
 
     import lora_complete_example as lce
+    from lora_tools.family import SD1
 
     cuda = torch.cuda.is_available()
     if not cuda:  # the script's host-memory policy on a CPU, for every mode alike
@@ -148,7 +149,6 @@ def measure(spec):
     if cfg.GRADIENT_CHECKPOINTING:
         unet.enable_gradient_checkpointing()
     unet.train()
-    scaling = vae.config.scaling_factor
     folder = tempfile.mkdtemp(prefix="bench-images-")
     paths, captions = make_images(folder, bs * (warmup + steps), res)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
@@ -157,7 +157,7 @@ def measure(spec):
         torch.cuda.reset_peak_memory_stats()
 
     t0 = time.perf_counter()
-    optimizer = lce.make_optimizer([(unet, cfg.LEARNING_RATE)], cfg, cuda)
+    optimizer = lce.make_optimizer(lce.lora_param_groups([(unet, cfg.LEARNING_RATE)], cfg), cfg, cuda)
     caching_peak = None
     if mode == "c":  # ready tensors: z_t, t, c and the target, made once
         h = res // 8
@@ -167,16 +167,19 @@ def measure(spec):
         unet, optimizer = accelerator.prepare(unet, optimizer)
         batches = None
     else:
-        dataset = lce.CaptionedImages(paths, lce.tokenize(tokenizer, captions), cfg)
+        sd = lce.StableDiffusion(SD1, (tokenizer,), (text_encoder,), vae, unet, scheduler, vae.config.scaling_factor, 8)
+        dataset = lce.CaptionedImages(paths, lce.tokenize(sd.tokenizers, captions), cfg)
         if mode == "b":
-            dataset = lce.cache_latents(dataset, vae, text_encoder, cfg, show_progress=False)
+            dataset = lce.cache_latents(dataset, sd, cfg, show_progress=False)
+            sd.vae, sd.text_encoders = None, (None,)
             vae = text_encoder = None
             if cuda:
                 torch.cuda.empty_cache()
             caching_peak = peak_memory(cuda)[0]  # and, on a GPU, the training peak starts from here
         loader = torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=lce.EpochShuffle(len(dataset), 0, True),
-                                             pin_memory=cuda)
+                                             pin_memory=cuda, collate_fn=lce.collate)
         unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+        sd.unet = unet
         batches = iter(loader)
 
     times = []
@@ -188,7 +191,7 @@ def measure(spec):
             accelerator.backward(loss)
         else:  # (a) and (b): the script's own step
             batch = next(batches)
-            loss = lce.compute_loss(batch, unet, scheduler, scaling, vae, text_encoder)
+            loss = lce.compute_loss(batch, sd).mean()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(lora_params, 1.0)
         optimizer.step()

@@ -37,7 +37,7 @@ def main():
             dt = lce.SAVE_DTYPES[dtype]
             tensors = {f"unet.{k}": v.to(dt) for k, v in convert_state_dict_to_diffusers(dict(peft_sd)).items()}
             diffusers_file = os.path.join(folder, f"r{rank}_{dtype}.safetensors")
-            save_file(tensors, diffusers_file, metadata=lce.lora_file_metadata(unet, cfg))
+            save_file(tensors, diffusers_file, metadata=lce.lora_metadata({"unet": unet}, cfg))
             webui_file = os.path.join(folder, f"r{rank}_{dtype}_webui.safetensors")
             info = dict(cfg.as_dict(), steps=1000, num_images=1000, started_at=0.0, finished_at=1.0)
             save_kohya_file(webui_file, peft_sd, {}, rank, rank, kohya_metadata(info), dt)

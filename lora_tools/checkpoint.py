@@ -1,14 +1,23 @@
-"""Resumable checkpoints: OUTPUT_DIR/checkpoint-<step>/ holds everything an exact continuation needs.
+"""Resumable checkpoints: OUTPUT_DIR/checkpoint-<step>/, written and read back by this module only.
 
     checkpoint-<step>/
-      pytorch_lora_weights.safetensors   the LoRA at this step: a usable file, diffusers' format
-      <OUTPUT_NAME>_emb.safetensors      with NEW_TOKEN: the new token's embedding at this step
-      training_state.pt                  optimizer, LR schedule, grad scaler, RNG states, position
+      training_state.pt                  the checkpoint dict below: everything an exact continuation needs
+      pytorch_lora_weights.safetensors   the LoRA at this step, a usable file (diffusers' format)
+      <other usable files>               what the run adds (the DreamBooth script: the new token's embedding)
       training_config.json               the settings of the run that wrote it
+
+    checkpoint = {
+        "step":         optimizer steps done,
+        "trainable":    {"unet.<parameter name>": tensor, ...}, every trained tensor, fp32, by name,
+        "optimizer":    the optimizer's state_dict (AdamW's two moments per tensor),
+        "lr_scheduler": the schedule's state_dict,
+        "scaler":       the fp16 loss scaler's state_dict, or None,
+        "rng":          [process 0's random-number states, process 1's, ...],
+    }
 
 A checkpoint folder is written under a temporary name and renamed when complete, so a crash
 mid-write never leaves a half checkpoint that "latest" would pick. Everything is loaded without
-unpickling code: safetensors for weights, torch.load(weights_only=True) for the state.
+unpickling code: safetensors for the usable files, torch.load(weights_only=True) for the state.
 """
 import json
 import os
@@ -19,10 +28,12 @@ import tempfile
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from .config import UserError
 
 STATE_NAME = "training_state.pt"
+CONFIG_NAME = "training_config.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -74,19 +85,22 @@ def resolve_resume(resume_from, output_dir):
     return resume_from
 
 
-def save_checkpoint(output_dir, step, write_weights, optimizer, lr_scheduler, scaler, rngs, position, config_json, limit=None):
-    """Write checkpoint-<step>/ atomically, then keep only the newest `limit` checkpoints.
-    write_weights(folder) writes the weight files into the new folder; rngs: the RNG states of every
-    process, in process order (see rng_states)."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = tempfile.mkdtemp(dir=output_dir, prefix=f".checkpoint-{step}-")
+def checkpoint_config(path):
+    """The settings of the run that wrote checkpoint `path` (a dict)."""
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        return json.load(f)
+
+
+def save_checkpoint(output_dir, checkpoint, files, config_json, limit=None):
+    """Write checkpoint-<step>/ atomically: the checkpoint dict, the usable `files` ({file name:
+    (tensors, safetensors metadata)}) and the config; then keep only the newest `limit` checkpoints."""
+    final = os.path.join(output_dir, f"checkpoint-{checkpoint['step']}")
+    tmp = tempfile.mkdtemp(dir=output_dir, prefix=f".checkpoint-{checkpoint['step']}-")
     try:
-        write_weights(tmp)
-        state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "rng": rngs, "position": position}
-        torch.save(state, os.path.join(tmp, STATE_NAME))
-        with open(os.path.join(tmp, "training_config.json"), "w") as f:
+        for name, (tensors, metadata) in files.items():
+            save_file(tensors, os.path.join(tmp, name), metadata=metadata)
+        torch.save(checkpoint, os.path.join(tmp, STATE_NAME))
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             f.write(config_json + "\n")
         if os.path.isdir(final):  # the same step again (a re-run): swap, never a moment without one
             old = final + ".old"
@@ -103,16 +117,19 @@ def save_checkpoint(output_dir, step, write_weights, optimizer, lr_scheduler, sc
     return final
 
 
-def checkpoint_config(path):
-    """The settings of the run that wrote checkpoint `path` (a dict)."""
-    with open(os.path.join(path, "training_config.json")) as f:
-        return json.load(f)
-
-
 def load_checkpoint(path):
-    """(LoRA tensors in diffusers' naming, training state, the run's config dict)."""
-    from safetensors.torch import load_file
+    """The checkpoint dict of checkpoint folder `path` (tensors on the CPU)."""
+    return torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
 
-    lora = load_file(os.path.join(path, "pytorch_lora_weights.safetensors"))
-    state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
-    return lora, state, checkpoint_config(path)
+
+@torch.no_grad()
+def restore_trainable(models, trainable, path):
+    """Put the checkpoint's trained tensors into `models` ({component name: model}), each by its name."""
+    params = {f"{name}.{n}": p for name, model in models.items() for n, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != trainable.keys():
+        missing, unexpected = sorted(params.keys() - trainable.keys()), sorted(trainable.keys() - params.keys())
+        raise UserError(f"{path} does not match this model: "
+                        + (f"it lacks {missing[0]}" if missing else f"it holds {unexpected[0]}, which this model lacks")
+                        + " — resume with the settings it was trained with")
+    for name, p in params.items():
+        p.copy_(trainable[name])

@@ -11,20 +11,26 @@ MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULER_CHOICES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
+def need(ok, message):
+    if not ok:
+        raise UserError(message)
+
+
+def check_number(c, name, low, kind=(int, float), strict=False, none_ok=False):
+    """c[name] is a number (an integer: kind=int) >= low (> low: strict), or None where none_ok."""
+    v = c[name]
+    if v is None and none_ok:
+        return
+    ok = isinstance(v, kind) and not isinstance(v, bool) and (v > low if strict else v >= low)
+    what = "an integer" if kind is int else "a number"
+    need(ok, f"{name} must be {what} {'>' if strict else '>='} {low}{' or None' if none_ok else ''}, got {v!r}")
+
+
 def check_config(c):
     """Check every setting's value (c: the dict of resolved settings). Raises UserError."""
 
-    def need(ok, message):
-        if not ok:
-            raise UserError(message)
-
-    def number(name, low, kind=(int, float), strict=False, none_ok=False):
-        v = c[name]
-        if v is None and none_ok:
-            return
-        ok = isinstance(v, kind) and not isinstance(v, bool) and (v > low if strict else v >= low)
-        what = "an integer" if kind is int else "a number"
-        need(ok, f"{name} must be {what} {'>' if strict else '>='} {low}{' or None' if none_ok else ''}, got {v!r}")
+    def number(name, *args, **kwargs):
+        check_number(c, name, *args, **kwargs)
 
     for name in ("LORA_RANK", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_EPOCHS", "NUM_INFERENCE_STEPS",
                  "LOG_EVERY", "NUM_VALIDATION_SEEDS"):
@@ -60,11 +66,15 @@ def check_config(c):
     for name in ("DATA_DIR", "IMAGE_COLUMN", "CAPTION_COLUMN", "REVISION", "RESUME_FROM"):
         need(c[name] is None or (isinstance(c[name], str) and c[name] != ""), f"{name} must be text or None, got {c[name]!r}")
     need(bool(c["OUTPUT_DIR"]), "OUTPUT_DIR must not be empty")
-    check_dreambooth(c, need, number)
 
 
-def check_dreambooth(c, need, number):
-    """INSTANCE_PROMPT, CLASS_PROMPT, NEW_TOKEN and friends: the prompts must fit together."""
+def check_dreambooth(c):
+    """lora_dreambooth_example.py's INSTANCE_PROMPT, CLASS_PROMPT, NEW_TOKEN and friends: values, and
+    prompts that fit together."""
+
+    def number(name, *args, **kwargs):
+        check_number(c, name, *args, **kwargs)
+
     for name in ("INSTANCE_PROMPT", "CLASS_PROMPT", "CLASS_DATA_DIR", "NEW_TOKEN", "NEW_TOKEN_INIT_WORD"):
         need(c[name] is None or (isinstance(c[name], str) and c[name].strip() != ""), f"{name} must be text or None, got {c[name]!r}")
     number("NUM_CLASS_IMAGES", 1, int)

@@ -206,7 +206,8 @@ def main(argv):
         raise UserError(f"OUT_DIR={cfg['OUT_DIR']!r} exists — remove it or pick another --OUT_DIR; it is never overwritten")
     from diffusers.training_utils import EMAModel
 
-    from lora_complete_example import compute_loss  # the very loss the LoRA runs train with
+    from lora_complete_example import StableDiffusion, compute_loss  # the very loss the LoRA runs train with
+    from lora_tools.family import SD1
 
     torch.manual_seed(cfg["SEED"])
     train_combos, held_out = split_base_world(seed=cfg["SEED"])
@@ -250,6 +251,8 @@ def main(argv):
             ema.restore(params)
 
     pipe = pipeline(tokenizer, text_encoder, vae, unet, sampler)
+    sd = StableDiffusion(SD1, (tokenizer,), (text_encoder,), vae, unet, noise_scheduler, vae.config.scaling_factor,
+                         pipe.vae_scale_factor)
     log(f"stage 2: text encoder + UNet, {cfg['STEPS']} steps of {cfg['BATCH_SIZE']}")
     unet.train(), text_encoder.train()
     running = []
@@ -257,8 +260,9 @@ def main(argv):
         idx = torch.randint(0, len(ids), (cfg["BATCH_SIZE"],))
         input_ids = ids[idx].clone()
         input_ids[torch.rand(len(idx)) < cfg["CAPTION_DROPOUT"]] = empty[0]
-        batch = {"latent_mean": mean[idx], "latent_std": std[idx], "input_ids": input_ids}
-        loss = compute_loss(batch, unet, noise_scheduler, vae.config.scaling_factor, text_encoder=text_encoder, snr_gamma=cfg["SNR_GAMMA"])
+        seeds = torch.randint(0, 2**62, (len(idx),)).tolist()  # each example's noise, from the run's seed
+        batch = {"latent_mean": mean[idx], "latent_std": std[idx], "input_ids": input_ids[:, None], "seed": seeds}
+        loss = compute_loss(batch, sd, snr_gamma=cfg["SNR_GAMMA"]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

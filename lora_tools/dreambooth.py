@@ -1,8 +1,8 @@
-"""The mechanics behind the script's DreamBooth and pivotal-tuning blocks (the ideas are in the script).
+"""The mechanics behind lora_dreambooth_example.py (the ideas are in that script).
 
 DreamBooth's prior preservation (Ruiz et al. 2023, Sec. 3.3) trains on the subject's images and, in the
 same batches, on images of its class that the frozen base model drew itself: `class_images` makes
-those once and reuses them, `PairedImages` pairs them with the subject's images. Pivotal tuning trains
+those once and reuses them, `PairedImages` pairs them with the subject's images and weighs them. Pivotal tuning trains
 a new token's embedding (textual inversion, Gal et al. 2023) together with the LoRA: `token_names`,
 `expand_token` and `save_embedding` follow the conventions diffusers' load_textual_inversion and the
 WebUI/ComfyUI embeddings folders use.
@@ -46,28 +46,31 @@ def class_images(folder, wanted, make_pipeline, draw, prompt, seed, show_progres
 
 
 class PairedImages(torch.utils.data.Dataset):
-    """Item (i, flip): the subject's example i (mod their number) and the class example i (mod
-    theirs), both as the wrapped datasets give them, as a pair; `collate_pairs` stacks a batch of
-    pairs into one batch of 2B: the B subject examples first, then their B class examples."""
+    """Item (i, flip, seed): the subject's example i (mod their number) and the class example i (mod
+    theirs), as the wrapped datasets give them, each with its weight in DreamBooth's loss (Ruiz et al.
+    2023, Eq. 2: subject mean + λ·class mean). A batch of N pairs holds N subject and N class examples,
+    and the training loop takes the mean over all 2N of (weight x loss): weights 2 and 2λ give exactly
+    the subject mean plus λ times the class mean, also summed over micro-batches and processes."""
 
-    def __init__(self, instance, prior):
-        self.instance, self.prior = instance, prior
+    def __init__(self, instance, prior, prior_loss_weight):
+        self.instance, self.prior, self.prior_loss_weight = instance, prior, prior_loss_weight
 
     def __len__(self):
         return max(len(self.instance), len(self.prior))
 
     def __getitem__(self, item):
-        i, flip = item if isinstance(item, tuple) else (item, False)
-        return self.instance[(i % len(self.instance), flip)], self.prior[(i % len(self.prior), flip)]
+        i, flip, seed = item
+        subject = self.instance[(i % len(self.instance), flip, seed)]
+        klass = self.prior[(i % len(self.prior), flip, seed + 1)]  # its own random numbers
+        return (dict(subject, loss_weight=torch.tensor(2.0)),
+                dict(klass, loss_weight=torch.tensor(2.0 * self.prior_loss_weight)))
 
 
 def collate_pairs(pairs):
-    from torch.utils.data import default_collate
+    """A batch of pairs -> one batch of 2N examples: the N subject examples first, then their N class examples."""
+    from lora_complete_example import collate
 
-    instance, prior = default_collate([p[0] for p in pairs]), default_collate([p[1] for p in pairs])
-    batch = {k: torch.cat([instance[k], prior[k]]) for k in instance}
-    batch["is_prior"] = torch.tensor([False] * len(pairs) + [True] * len(pairs))
-    return batch
+    return collate([p[0] for p in pairs] + [p[1] for p in pairs])
 
 
 def token_names(token, n):

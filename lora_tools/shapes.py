@@ -189,3 +189,76 @@ def concept_report(pipe, seeds, steps, guidance_scale, log=print, path=None):
         atomic_write_text(path, json.dumps({"seeds": list(seeds), "base": base, "base + LoRA": tuned}, indent=1) + "\n")
     return {label: f"{NEW_COLOUR} {s['concept']['colour']:.0%}, base world {s['base_world']['all']:.0%}"
             for label, s in (("base model", base), ("base + LoRA", tuned))}
+
+
+# ----------------------------------------------------------------------------- the DreamBooth demo's subject
+# lora_dreambooth_example.py --DEMO=True learns one subject, a purple circle, from pictures of it on white,
+# named "a zwx circle on a white background"; the class prompt is "a circle on a white background".
+def build_subject_dataset(path, subject, count=5, seed=0):
+    """`count` pictures of `subject` (shape, colour, background) at random sizes and places, no captions
+    (DreamBooth's INSTANCE_PROMPT names them all), written once (atomic_folder)."""
+    import os
+
+    from lora_tools.files import atomic_folder
+
+    def write(tmp):
+        rng = random.Random(seed)
+        for i in range(count):
+            draw(*subject, rng=rng).save(os.path.join(tmp, f"{i}.png"))
+
+    return atomic_folder(path, write)
+
+
+def render_all(pipe, prompts, seeds, steps, guidance_scale, batch=32):
+    """One picture per (prompt, seed), each from a CPU generator seeded with that seed."""
+    import torch
+
+    pairs = [(p, s) for p in prompts for s in seeds]
+    images = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        images += pipe([p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+                       num_inference_steps=steps, guidance_scale=guidance_scale, height=SIZE, width=SIZE).images
+    return images
+
+
+def subject_report(pipes, subject, seeds, steps, guidance_scale, log=print, word="zwx"):
+    """Judge the base model and each DreamBooth LoRA ({name: pipeline with its LoRA loaded}; the base is
+    the first with its LoRA disabled): is the subject drawn for its prompt, on its training background and
+    on the others; how often its colour leaks into the class prompt, which does not ask for it; how far the
+    class prompt's pictures move from the base model's. Returns the scores."""
+    shape, colour, background = subject
+    others = [b for b in COLOURS if b != background and b != colour]
+    subject_prompts = {b: f"a {word} {shape} on a {b} background" for b in [background] + others}
+    class_prompts = [f"a {shape} on a {b} background" for b in [background] + others]
+
+    def judge(pipe):
+        images = render_all(pipe, list(subject_prompts.values()) + class_prompts, seeds, steps, guidance_scale)
+        k = len(seeds)
+        seen = {b: [describe(im)[1] == colour for im in images[i * k:(i + 1) * k]] for i, b in enumerate(subject_prompts)}
+        class_images = images[len(subject_prompts) * k:]
+        return {"subject, trained background": float(np.mean(seen[background])),
+                "subject, other backgrounds": float(np.mean([x for b in others for x in seen[b]])),
+                f"{colour} in the class prompt": float(np.mean([describe(im)[1] == colour for im in class_images]))}, \
+            class_images
+
+    first = next(iter(pipes.values()))
+    first.disable_lora()
+    base, base_class = judge(first)
+    first.enable_lora()
+    scores = {"base model": base}
+    for name, pipe in pipes.items():
+        scores[name], class_images = judge(pipe)
+        scores[name]["class prompt: mean |pixel - base pixel|"] = float(np.mean(
+            [np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).mean() for a, b in zip(class_images, base_class)]))
+    rows = list(scores["base model"]) + ["class prompt: mean |pixel - base pixel|"]
+    width = max(len(r) for r in rows)
+    lines = [f"judged by lora_tools/shapes.py, {len(seeds)} seeds per prompt (the subject on its own background and "
+             f"{len(others)} others, the class prompt on all {len(class_prompts)}):",
+             f"  {'':{width}}  " + "  ".join(f"{n:>14}" for n in scores)]
+    for r in rows:
+        cells = [scores[n].get(r) for n in scores]
+        lines.append(f"  {r:{width}}  " + "  ".join(
+            f"{'':>14}" if v is None else f"{v:>14.1f}" if "pixel" in r else f"{v:>14.0%}" for v in cells))
+    log("\n".join(lines))
+    return scores

@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -39,6 +40,10 @@ if REPO_ROOT not in sys.path:
 import lora_complete_example as lce  # noqa: E402
 from tiny import build_tiny_dataset, build_tiny_pipeline  # noqa: E402
 
+# The libraries' objects, imported above, are never garbage: keep them out of every collection the
+# script's runs ask for (gc.collect before rendering: about a second a run in a process this size).
+gc.freeze()
+
 SCRIPT = os.path.join(REPO_ROOT, "lora_complete_example.py")
 SCRIPT_NAME = os.path.basename(SCRIPT)  # run as `python lora_complete_example.py` in the repository root
 WEBUI_NAME = "my_lora.safetensors"  # OUTPUT_NAME's default + .safetensors
@@ -55,20 +60,38 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-def run_main(argv):
-    """lce.main(argv) in this process: (argv, out = OUTPUT_DIR, log = what it printed, cfg, t0, t1)."""
+def run_main(argv, script=lce):
+    """script.main(argv) in this process (lora_complete_example, or lora_dreambooth_example):
+    (argv, out = OUTPUT_DIR, log = what it printed, cfg, t0, t1)."""
     buf, t0 = io.StringIO(), time.time()
     try:
         with contextlib.redirect_stdout(buf):
-            lce.main(argv)
+            script.main(argv)
     except Exception as e:
-        raise AssertionError(f"lce.main failed: {e!r}\n{buf.getvalue()[-3000:]}") from e
+        raise AssertionError(f"{script.__name__}.main failed: {e!r}\n{buf.getvalue()[-3000:]}") from e
     finally:
         reset_accelerate()
     t1 = time.time()
     with contextlib.redirect_stdout(io.StringIO()):  # its override lines are in the log already
-        cfg = lce.resolve_config(argv)
+        cfg = script.resolve_config(argv)
     return SimpleNamespace(argv=argv, out=cfg.OUTPUT_DIR, log=buf.getvalue(), cfg=cfg, t0=t0, t1=t1)
+
+
+def run_as_main(script, *args):
+    """`python <script> ARGS` in this process: the file run as __main__ (runpy), as a subprocess would
+    run it but without importing the libraries again. CompletedProcess(args, returncode, stdout, stderr)."""
+    import runpy
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setattr(sys, "argv", [script, *args])
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            reset_accelerate()
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def subprocess_env():
@@ -221,10 +244,6 @@ def total_grad_norm(params):
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
 
 
-def collate(items):
-    return torch.utils.data.default_collate(list(items))
-
-
 @contextlib.contextmanager
 def capture_library_messages():
     """Collect log records of diffusers / peft / transformers (diffusers' root logger does not
@@ -257,16 +276,28 @@ def key_complaints(messages):
 
 
 # ----------------------------------------------------------------------------- fixtures
+HEAVIEST_FIRST = ["dreambooth_demo", "test_multiprocess", "demo"]  # xdist groups that take a minute or more
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks
 def pytest_collection_modifyitems(items):
     """pytest-xdist (--dist loadgroup): a test that uses a module-scoped fixture of its own file joins
-    the group of that file, so one worker builds the fixture once; an xdist_group mark of its own wins."""
+    the group of that file, so one worker builds the fixture once; an xdist_group mark of its own wins.
+    The heaviest groups are collected first, so that the two workers start on them at once (pytest.ini
+    keeps the collection order: --no-loadscope-reorder)."""
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
         defs = [d for ds in item._fixtureinfo.name2fixturedefs.values() for d in ds]
         if any(d.scope == "module" and item.nodeid.startswith(d.baseid + "::") for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+    def rank(item):
+        mark = item.get_closest_marker("xdist_group")
+        group = (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark else None
+        return HEAVIEST_FIRST.index(group) if group in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)
@@ -340,14 +371,20 @@ def make_cfg(tiny_args):
 
 @pytest.fixture
 def load_tiny():
-    """load_tiny(cfg, dtype=torch.float32) -> frozen (tokenizer, text_encoder, vae, unet, scheduler)."""
+    """load_tiny(cfg, dtype=torch.float32) -> the script's StableDiffusion (sd.unet, sd.vae,
+    sd.text_encoders, ...) of MODEL_ID, loaded and frozen as main does."""
 
-    def load(cfg, dtype=torch.float32, vae_dtype=None):
-        tok, te, vae, unet, sched = lce.load_models(cfg, dtype, dtype if vae_dtype is None else vae_dtype)
-        lce.freeze(te, vae, unet)
-        return tok, te, vae, unet, sched
+    def load(cfg, dtype=torch.float32):
+        sd = lce.load_models(cfg, lce.detect(cfg.MODEL_ID), dtype)
+        lce.freeze(sd.unet, sd.vae, *sd.text_encoders)
+        return sd
 
     return load
+
+
+def collate_items(dataset, picks):
+    """A batch as the training loop gets it: dataset items (index, flip, seed) through the script's collate."""
+    return lce.collate([dataset[p] for p in picks])
 
 
 @pytest.fixture(scope="session")

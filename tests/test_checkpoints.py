@@ -1,6 +1,6 @@
 """Checkpoints: an exact resume mid-epoch through RESUME_FROM=latest (the text encoder's adapter
 included), metrics.jsonl kept up to the checkpoint, CHECKPOINTS_TOTAL_LIMIT, folders plain tools can
-read, clear errors before any slow work; Ctrl-C (a user's subprocess) and SIGTERM save a checkpoint,
+read, clear errors before any slow work; Ctrl-C and SIGTERM save a checkpoint,
 print the resume command and exit 130 / 143; with several processes the stop flag is compared only
 where the processes sync anyway."""
 import contextlib
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import lora_complete_example as lce
-from conftest import (SCRIPT_NAME, capture_library_messages, fresh_pipe, key_complaints, lora_weights, maxdiff,
-                      run_main, start_script)
+from conftest import (SCRIPT, SCRIPT_NAME, capture_library_messages, fresh_pipe, key_complaints, lora_weights,
+                      maxdiff, run_as_main, run_main)
 from lora_tools.checkpoint import resolve_resume
 from lora_tools.config import UserError
 
@@ -82,7 +82,7 @@ def test_checkpoint_folder_is_readable_by_plain_tools(resume_runs, tiny_model_di
     ckpt = os.path.join(resume_runs["a"].out, "checkpoint-9")
     assert {"pytorch_lora_weights.safetensors", "training_config.json", "training_state.pt"} <= set(os.listdir(ckpt))
     state = torch.load(os.path.join(ckpt, "training_state.pt"), map_location="cpu", weights_only=True)
-    assert state["position"]["global_step"] == 9 and {"optimizer", "lr_scheduler", "rng"} <= set(state)
+    assert state["step"] == 9 and set(state) == {"step", "trainable", "optimizer", "lr_scheduler", "scaler", "rng"}
     assert isinstance(state["rng"], list) and len(state["rng"]) == 1  # one process, one set of RNG states
     with open(os.path.join(ckpt, "training_config.json")) as f:
         config = json.load(f)
@@ -155,66 +155,21 @@ def test_processes_compare_stop_flags_only_at_sync_points(mine, other):
 
 
 # ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
-class Watched:
-    """A tiny training run in a subprocess whose merged output is collected by a thread."""
+def stopped_run(tiny_args, out, signum):
+    """The script run as __main__ (conftest.run_as_main) for 5000 steps; once it has logged its first
+    step, this process sends itself `signum` (Ctrl-C is SIGINT; `kill`, Slurm and docker stop send SIGTERM)."""
 
-    def __init__(self, args):
-        import subprocess
-
-        self.args = args
-        self.proc = start_script(*self.args, stderr=subprocess.STDOUT)
-        self.chunks, self.lock = [], threading.Lock()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        for chunk in iter(lambda: os.read(self.proc.stdout.fileno(), 65536), b""):
-            with self.lock:
-                self.chunks.append(chunk)
-
-    def text(self):
-        with self.lock:
-            return b"".join(self.chunks).decode("utf-8", "replace")
-
-    def wait_for_training(self, timeout=240):
-        """Until the progress bar shows at least one finished optimizer step."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if re.search(r"training:\s+\d+%\|[^|]*\|\s*[1-9]\d*/5000", self.text()):
+    def signal_once_training():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
+                os.kill(os.getpid(), signum)
                 return
-            time.sleep(0.2)
-        self.kill()
-        pytest.fail(f"training did not start:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
 
-    def finish(self, timeout=60):
-        import subprocess
-
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"the run did not stop within {timeout}s of the signal:\n{self.text()[-3000:]}")
-        self.thread.join(timeout=10)
-        return rc, self.text()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def interrupted(tmp_path_factory, tiny_args):
-    """A tiny run of 5000 steps, as a user starts it; once it has trained a step it gets SIGINT (Ctrl-C).
-    (rc, output, OUTPUT_DIR, args)"""
-    out = tmp_path_factory.mktemp("sigint") / "out"
-    run = Watched(tiny_args("--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", f"--OUTPUT_DIR={out}"))
-    try:
-        run.wait_for_training()
-        run.proc.send_signal(signal.SIGINT)
-        return (*run.finish(), out, run.args)
-    finally:
-        run.kill()
+    threading.Thread(target=signal_once_training, daemon=True).start()
+    args = tiny_args("--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", "--LOG_EVERY=1", f"--OUTPUT_DIR={out}")
+    return run_as_main(SCRIPT, *args), args
 
 
 def parse_stop(text, out):
@@ -224,45 +179,31 @@ def parse_stop(text, out):
     assert "--RESUME_FROM=" in command
     assert {"pytorch_lora_weights.safetensors", "training_config.json", "training_state.pt"} <= set(os.listdir(out / f"checkpoint-{step}"))
     state = torch.load(out / f"checkpoint-{step}" / "training_state.pt", map_location="cpu", weights_only=True)
-    assert state["position"]["global_step"] == step
+    assert state["step"] == step
     assert not (out / lce.WEIGHTS_NAME).exists()  # a stopped run leaves only the checkpoint
     return step, command
 
 
-def test_ctrl_c_checkpoints_prints_the_resume_command_and_it_works(interrupted):
-    rc, text, out, args = interrupted
-    assert rc == 130 and "Traceback" not in text, text[-3000:]
-    step, command = parse_stop(text, out)
+def test_ctrl_c_checkpoints_prints_the_resume_command_and_it_works(tiny_args, tmp_path):
+    out = tmp_path / "out"
+    r, args = stopped_run(tiny_args, out, signal.SIGINT)
+    assert r.returncode == 130 and "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    step, command = parse_stop(r.stdout, out)
     resume = shlex.split(command)
     assert resume[:2] == ["python", SCRIPT_NAME] and f"--RESUME_FROM={out / f'checkpoint-{step}'}" in resume
     assert [a for a in resume[2:] if not a.startswith("--RESUME_FROM=")] == args  # every setting kept
     # the printed command: the script with these arguments (run here in this process), two more steps
-    r = run_main([a if not a.startswith("--MAX_TRAIN_STEPS=") else f"--MAX_TRAIN_STEPS={step + 2}" for a in resume[2:]])
-    assert re.search(rf"resumed from .*checkpoint-{step} at step {step}\b", r.log), r.log[-3000:]
-    assert "trained 2 steps" in r.log
+    again = run_main([a if not a.startswith("--MAX_TRAIN_STEPS=") else f"--MAX_TRAIN_STEPS={step + 2}" for a in resume[2:]])
+    assert re.search(rf"resumed from .*checkpoint-{step} at step {step}\b", again.log), again.log[-3000:]
+    assert "trained 2 steps" in again.log
     assert (out / lce.WEIGHTS_NAME).is_file() and (out / "test_generation.png").is_file()
 
 
 def test_sigterm_checkpoints_and_exits_143(tiny_args, tmp_path):
-    """SIGTERM (what `kill`, Slurm and docker stop send), here to this process once the run (in this
-    process) has logged its first step: the same stop, with exit status 143."""
     out = tmp_path / "out"
-    argv = tiny_args("--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", "--LOG_EVERY=1", f"--OUTPUT_DIR={out}")
-
-    def signal_once_training():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=signal_once_training, daemon=True).start()
-    printed = io.StringIO()
-    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(printed):
-        lce.main(argv)
-    assert e.value.code == 143
-    parse_stop(printed.getvalue(), out)
+    r, _ = stopped_run(tiny_args, out, signal.SIGTERM)
+    assert r.returncode == 143 and "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    parse_stop(r.stdout, out)
 
 
 def test_a_lora_trained_with_dropout_loads_without_it(resume_runs, tiny_model_dir):

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import lora_complete_example as lce
-from conftest import SCRIPT, run_script
+import lora_dreambooth_example as ldb
+from conftest import REPO_ROOT, SCRIPT, run_as_main
+
+DREAMBOOTH_SCRIPT = os.path.join(REPO_ROOT, "lora_dreambooth_example.py")
 from lora_tools.checks import check_environment, check_output_dir, check_paths
 from lora_tools.config import Config, UserError, parse_overrides
 
@@ -227,11 +230,14 @@ def test_hub_id_offline_says_offline_and_cache(make_cfg, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = make_cfg("--MODEL_ID=nobody-here/not-a-real-model-xyz")
     check_paths(cfg)  # a hub id passes the path check...
-    with pytest.raises(UserError) as e:  # ...and loading it offline explains why it cannot work
-        lce.load_models(cfg, torch.float32, torch.float32)
-    message = str(e.value)
-    assert "nobody-here/not-a-real-model-xyz" in message and "\n" not in message
-    assert ("offline" in message.lower() or "HF_HUB_OFFLINE" in message) and "cache" in message
+    from lora_tools.family import SD1
+
+    for load in (lambda: lce.start(cfg), lambda: lce.load_models(cfg, SD1, torch.float32)):
+        with pytest.raises(UserError) as e:  # ...and reading it offline explains why it cannot work
+            load()
+        message = str(e.value)
+        assert "nobody-here/not-a-real-model-xyz" in message and "\n" not in message
+        assert ("offline" in message.lower() or "HF_HUB_OFFLINE" in message) and "cache" in message
 
 
 def test_output_dir_that_cannot_be_created_is_refused(tmp_path):
@@ -258,13 +264,13 @@ def test_a_missing_optional_package_is_named_with_pip_install(monkeypatch, packa
                                   "unwritable OUTPUT_DIR", "RESUME_FROM not a checkpoint", "tensorboard not installed"])
 def test_main_stops_on_a_mistake_before_loading_any_model(case, tmp_path, tiny_args, tiny_model_dir, monkeypatch):
     """main's order: each of these fails as one line before any model is loaded (the first slow step)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded: the mistake was not caught before the slow work")
 
-    for cls in (UNet2DConditionModel, CLIPTextModel):
+    for cls in (DiffusionPipeline, UNet2DConditionModel, CLIPTextModel):
         monkeypatch.setattr(cls, "from_pretrained", no_loading)
     out, extra = str(tmp_path / "out"), []
     if case == "missing DATA_DIR":
@@ -297,21 +303,26 @@ def test_main_stops_on_a_mistake_before_loading_any_model(case, tmp_path, tiny_a
 
 
 # ----------------------------------------------------------------------------- the command line
-def test_command_line_mistake_exits_2_with_one_error_line_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("script", [SCRIPT, DREAMBOOTH_SCRIPT])
+def test_command_line_mistake_exits_2_with_one_error_line_and_writes_nothing(tmp_path, script):
     out = tmp_path / "out"
-    r = run_script("--LORA_RNAK=8", f"--OUTPUT_DIR={out}", check=False, timeout=300)
-    assert r.returncode == 2
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--LORA_RANK" in errors[0], r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
+    printed = run_as_main(script, "--LORA_RNAK=8", f"--OUTPUT_DIR={out}")
+    assert printed.returncode == 2
+    errors = [line for line in printed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--LORA_RANK" in errors[0], printed.stderr
+    assert "Traceback" not in printed.stderr + printed.stdout
     assert not out.exists()
 
 
-def test_help_lists_every_setting_with_its_default():
-    r = run_script("--help", timeout=300)
-    for k in lce.CONFIG_KEYS:
-        assert f"--{k}={getattr(lce, k)!r}" in r.stdout, k
-    assert "Traceback" not in r.stderr
+@pytest.mark.parametrize("script", [SCRIPT, DREAMBOOTH_SCRIPT])
+def test_help_lists_every_setting_with_its_default(script):
+    r = run_as_main(script, "--help")
+    assert r.returncode == 0
+    module = lce if script == SCRIPT else ldb
+    printed = r.stdout
+    for k in module.CONFIG_KEYS:
+        value = getattr(module, k) if hasattr(module, k) else getattr(lce, k)
+        assert f"--{k}={value!r}" in printed, k
 
 
 def test_importing_the_script_has_no_side_effects(tmp_path, monkeypatch, capsys):

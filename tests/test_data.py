@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import lora_complete_example as lce
-from conftest import capture_library_messages, collate
+from conftest import capture_library_messages, collate_items
 from lora_tools.config import UserError
 from lora_tools.data import open_image, read_folder, to_rgb
 from tiny import _tiny_tokenizer
@@ -152,7 +152,7 @@ def test_tiny_and_huge_images_give_resolution_sized_tensors(tmp_path, size):
     cfg = folder_cfg(str(tmp_path))
     ds = lce.CaptionedImages([path], torch.zeros(1, 77, dtype=torch.long), cfg)
     for flip in (False, True):
-        px = ds[(0, flip)]["pixel_values"]
+        px = ds[(0, flip, 0)]["pixel_values"]
         assert px.shape == (3, cfg.RESOLUTION, cfg.RESOLUTION) and px.dtype == torch.float32
         assert torch.isfinite(px).all() and px.min() >= -1 and px.max() <= 1
 
@@ -212,8 +212,8 @@ def test_images_without_caption_train_with_an_empty_one_said_in_one_line(tmp_pat
     assert [os.path.basename(p) for p in images] == ["a.png", "b.png", "c.png"] and captions == ["a dog on a beach", "", ""]
     notes = [line for line in capsys.readouterr().out.splitlines() if "no caption" in line]
     assert notes == [f"note: 2 image(s) in {d} have no caption and train with an empty one: b.png, c.png"]
-    item = lce.CaptionedImages(images, lce.tokenize(_tiny_tokenizer(), captions), folder_cfg(str(d)))[1]
-    assert item["pixel_values"].shape == (3, 64, 64) and item["input_ids"].shape == (77,)
+    item = lce.CaptionedImages(images, lce.tokenize((_tiny_tokenizer(),), captions), folder_cfg(str(d)))[1]
+    assert item["pixel_values"].shape == (3, 64, 64) and item["input_ids"].shape == (1, 77)  # one text encoder
 
 
 def test_read_folder_ignores_non_image_files(tmp_path):
@@ -230,7 +230,7 @@ def test_long_captions_are_cut_with_one_message_of_ours_and_none_from_the_librar
     tok = _tiny_tokenizer()  # one token per character
     captions = ["a" * 100, "short", "b" * 300, "c" * 75]  # 75 characters + start + end = exactly 77 tokens
     with capture_library_messages() as messages:
-        ids = lce.tokenize(tok, captions)
+        ids = lce.tokenize((tok,), captions)[:, 0]
     assert [m for m in messages if re.search(r"77|longer|sequence length", m)] == []
     ours = [line for line in capsys.readouterr().out.splitlines() if "77" in line or "long" in line]
     assert len(ours) == 1 and "2 caption(s)" in ours[0], ours
@@ -243,68 +243,72 @@ def test_long_captions_are_cut_with_one_message_of_ours_and_none_from_the_librar
 @pytest.fixture(scope="module")
 def encoders(make_cfg):
     cfg = make_cfg()
-    tok, te, vae, unet, sched = lce.load_models(cfg, torch.float32, torch.float32)
-    lce.freeze(te, vae, unet)
-    lce.add_lora(unet, cfg, cfg.TARGET_MODULES)
+    sd = lce.load_models(cfg, lce.detect(cfg.MODEL_ID), torch.float32)
+    lce.freeze(sd.unet, sd.vae, *sd.text_encoders)
+    lce.add_lora(sd.unet, cfg, cfg.TARGET_MODULES)
     with torch.no_grad():  # a trained-looking adapter, so the LoRA path is part of the comparison
         g = torch.Generator().manual_seed(0)
-        for n, p in unet.named_parameters():
+        for n, p in sd.unet.named_parameters():
             if ".lora_B." in n:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    return tok, te, vae, unet, sched
+    return sd
 
 
-def datasets(cfg, tok, te, vae):
+def datasets(cfg, sd):
     images, captions = lce.load_captioned_images(cfg, show_progress=False)
-    ds = lce.CaptionedImages(images, lce.tokenize(tok, captions), cfg)
-    return ds, lce.cache_latents(ds, vae, te, cfg, show_progress=False)
-
-
-def loss(batch, unet, sched, seed, vae=None, te=None, scaling_factor=0.18215):
-    torch.manual_seed(seed)
-    return lce.compute_loss(batch, unet, sched, scaling_factor, vae, te)
+    ds = lce.CaptionedImages(images, lce.tokenize(sd.tokenizers, captions), cfg)
+    return ds, lce.cache_latents(ds, sd, cfg, show_progress=False)
 
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_cached_and_uncached_paths_give_the_same_loss(make_cfg, encoders, flip):
-    tok, te, vae, unet, sched = encoders
-    ds, cached = datasets(make_cfg(f"--RANDOM_FLIP={flip}", "--BATCH_SIZE=3"), tok, te, vae)
+    sd = encoders
+    ds, cached = datasets(make_cfg(f"--RANDOM_FLIP={flip}", "--BATCH_SIZE=3"), sd)
     assert len(ds) == len(cached) == 8 and tuple(cached.mean.shape) == (8, 2 if flip else 1, 4, 8, 8)
-    idx = [5, 0, 3, 7]
-    cached_batch = collate(cached[(i, flip)] for i in idx)
-    assert set(cached_batch) >= {"latent_mean", "latent_std", "text_emb"} and "pixel_values" not in cached_batch
-    uncached = loss(collate(ds[(i, flip)] for i in idx), unet, sched, 11, vae, te)
-    torch.testing.assert_close(loss(cached_batch, unet, sched, 11), uncached, rtol=1e-5, atol=1e-7)  # no encoders needed
-    assert abs(loss(cached_batch, unet, sched, 12).item() - uncached.item()) > 1e-4  # other noise, other loss
+    picks = [(5, flip, 11), (0, flip, 12), (3, flip, 13), (7, flip, 14)]  # (index, flip, the example's seed)
+    cached_batch = collate_items(cached, picks)
+    assert set(cached_batch) >= {"latent_mean", "latent_std", "encoder_hidden_states"} and "pixel_values" not in cached_batch
+    uncached = lce.compute_loss(collate_items(ds, picks), sd)  # the frozen encoders run now
+    torch.testing.assert_close(lce.compute_loss(cached_batch, sd), uncached, rtol=1e-5, atol=1e-7)  # one loss per example
+    other_seeds = collate_items(cached, [(i, f, s + 100) for i, f, s in picks])
+    assert (lce.compute_loss(other_seeds, sd) - uncached).abs().min() > 1e-4  # other noise, other loss, every example
 
 
-def test_loss_does_not_depend_on_the_memory_layout_of_the_latents(make_cfg, encoders):
-    """The same values in another memory layout (the VAE's own output is channels-last on the
-    CPU, the cache is contiguous) must draw the same noise and give the same loss."""
-    tok, te, vae, unet, sched = encoders
-    _, cached = datasets(make_cfg("--RANDOM_FLIP=False"), tok, te, vae)
-    batch = collate(cached[(i, False)] for i in [1, 2, 4, 6])
-    channels_last = {k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in batch.items()}
-    torch.testing.assert_close(loss(channels_last, unet, sched, 3), loss(batch, unet, sched, 3), rtol=1e-5, atol=1e-7)
+def test_an_examples_loss_depends_on_its_seed_not_on_its_batch_or_memory_layout(make_cfg, encoders):
+    """Each example draws its noise, latent sample and timestep from its own seed: the same loss alone, in
+    another batch, and with the latents in another memory layout (the VAE's own output is channels-last on
+    the CPU, the cache is contiguous)."""
+    sd = encoders
+    _, cached = datasets(make_cfg("--RANDOM_FLIP=False"), sd)
+    picks = [(1, False, 5), (2, False, 6), (4, False, 7), (6, False, 8)]
+    together = lce.compute_loss(collate_items(cached, picks), sd)
+    alone = torch.cat([lce.compute_loss(collate_items(cached, [p]), sd) for p in picks])
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-7)
+    batch = collate_items(cached, picks)
+    channels_last = {k: v.to(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
+                     for k, v in batch.items()}
+    torch.testing.assert_close(lce.compute_loss(channels_last, sd), together, rtol=1e-5, atol=1e-7)
 
 
 def test_cache_holds_the_mirrored_image_and_the_captions(make_cfg, encoders):
-    tok, te, vae, unet, sched = encoders
+    sd = encoders
     cfg = make_cfg("--RANDOM_FLIP=True")
-    ds, cached = datasets(cfg, tok, te, vae)
+    ds, cached = datasets(cfg, sd)
     asymmetric = 0
     for i in range(len(ds)):
-        px, mirrored = ds[(i, False)]["pixel_values"], ds[(i, True)]["pixel_values"]
+        px, mirrored = ds[(i, False, 0)]["pixel_values"], ds[(i, True, 0)]["pixel_values"]
         assert torch.equal(mirrored, px.flip(-1))
-        mean, std = lce.encode_images(vae, torch.stack([px, mirrored]))
-        torch.testing.assert_close(cached[(i, False)]["latent_mean"], mean[0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(cached[(i, True)]["latent_mean"], mean[1], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(cached[(i, True)]["latent_std"], std[1], rtol=1e-4, atol=1e-5)
-        assert torch.equal(cached[(i, True)]["text_emb"], cached[(i, False)]["text_emb"])
+        mean, std = lce.encode_images(sd.vae, torch.stack([px, mirrored]))
+        torch.testing.assert_close(cached[(i, False, 0)]["latent_mean"], mean[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached[(i, True, 0)]["latent_mean"], mean[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached[(i, True, 0)]["latent_std"], std[1], rtol=1e-4, atol=1e-5)
+        assert torch.equal(cached[(i, True, 0)]["encoder_hidden_states"], cached[(i, False, 0)]["encoder_hidden_states"])
         asymmetric += (mean[0] - mean[1]).abs().max().item() > 1e-3
     assert asymmetric >= len(ds) // 2  # the two orientations really differ for these pictures
     images, captions = lce.load_captioned_images(cfg, show_progress=False)
-    torch.testing.assert_close(cached.text_emb, lce.encode_text(te, lce.tokenize(tok, captions)), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        text = sd.text_encoders[0](lce.tokenize(sd.tokenizers, captions)[:, 0])[0]  # SD1: the last hidden states
+    torch.testing.assert_close(cached.text["encoder_hidden_states"], text, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- data order
@@ -314,16 +318,18 @@ def order(n, seed, epoch, flip=True):
     return list(s)
 
 
-def test_same_seed_and_epoch_give_the_same_order_and_others_differ():
+def test_same_seed_and_epoch_give_the_same_order_flips_and_seeds_and_others_differ():
     assert order(50, 42, 3) == order(50, 42, 3)
     s = lce.EpochShuffle(50, 42, True)  # a resumed run builds a new sampler and jumps to its epoch
     for epoch in range(4):
         s.set_epoch(epoch)
         seen = list(s)
     assert seen == order(50, 42, 3)
-    orders = [[i for i, _ in order(50, 42, e)] for e in range(5)]
+    orders = [[i for i, _, _ in order(50, 42, e)] for e in range(5)]
     assert all(orders[a] != orders[b] for a in range(5) for b in range(a + 1, 5))
-    assert [i for i, _ in order(50, 43, 0)] != orders[0]
+    assert [i for i, _, _ in order(50, 43, 0)] != orders[0]
+    seeds = [s for e in range(5) for _, _, s in order(50, 42, e)]
+    assert len(set(seeds)) == len(seeds)  # every example of every epoch draws its own noise
 
 
 @pytest.mark.parametrize("n", [1, 7, 50])
@@ -331,28 +337,31 @@ def test_every_index_appears_exactly_once_per_epoch(n):
     for epoch in range(3):
         items = order(n, 5, epoch)
         assert len(items) == n == len(lce.EpochShuffle(n, 5, True))
-        assert sorted(i for i, _ in items) == list(range(n))
+        assert sorted(i for i, _, _ in items) == list(range(n))
 
 
 def test_flips_are_per_epoch_and_absent_without_random_flip():
-    flips = [f for e in range(4) for _, f in order(50, 42, e)]
+    flips = [f for e in range(4) for _, f, _ in order(50, 42, e)]
     assert 0.3 < sum(flips) / len(flips) < 0.7
-    assert [f for _, f in order(50, 42, 1)] != [f for _, f in order(50, 42, 2)]
-    assert all(f is False for e in range(3) for _, f in order(50, 42, e, flip=False))
+    assert [f for _, f, _ in order(50, 42, 1)] != [f for _, f, _ in order(50, 42, 2)]
+    assert all(f is False for e in range(3) for _, f, _ in order(50, 42, e, flip=False))
     # without flips, the order is still the seeded permutation
-    assert [i for i, _ in order(50, 42, 2, flip=False)] == [i for i, _ in order(50, 42, 2, flip=True)]
+    assert [i for i, _, _ in order(50, 42, 2, flip=False)] == [i for i, _, _ in order(50, 42, 2, flip=True)]
 
 
 def test_the_dataloader_over_the_cache_sees_each_image_once_per_epoch(make_cfg, encoders):
-    tok, te, vae, unet, sched = encoders
     cfg = make_cfg("--RANDOM_FLIP=True", "--BATCH_SIZE=3")
-    _, cached = datasets(cfg, tok, te, vae)
+    _, cached = datasets(cfg, encoders)
     loader = lce.make_dataloader(cached, cfg, cuda=False)
+    text = cached.text["encoder_hidden_states"]
     for epoch in range(2):
         loader.sampler.set_epoch(epoch)
         expected = order(len(cached), cfg.SEED, epoch)
-        assert torch.equal(torch.cat([b["text_emb"] for b in loader]), cached.text_emb[[i for i, _ in expected]])
-        assert torch.equal(torch.cat([b["latent_mean"] for b in loader]), torch.stack([cached.mean[i, int(f)] for i, f in expected]))
+        batches = list(loader)
+        assert torch.equal(torch.cat([b["encoder_hidden_states"] for b in batches]), text[[i for i, _, _ in expected]])
+        assert torch.equal(torch.cat([b["latent_mean"] for b in batches]),
+                           torch.stack([cached.mean[i, int(f)] for i, f, _ in expected]))
+        assert [s for b in batches for s in b["seed"]] == [s for _, _, s in expected]  # Python ints, in order
 
 
 class Indices(torch.utils.data.Dataset):
@@ -360,8 +369,8 @@ class Indices(torch.utils.data.Dataset):
         return 8
 
     def __getitem__(self, item):
-        i, flip = item
-        return {"index": i, "flip": flip}
+        i, flip, seed = item
+        return {"index": i, "flip": flip, "seed": seed}
 
 
 def test_two_processes_each_get_their_own_share_of_every_epoch(make_cfg):
@@ -378,7 +387,7 @@ def test_two_processes_each_get_their_own_share_of_every_epoch(make_cfg):
         seen = []
         for loader in shards:
             loader.set_epoch(epoch)
-            seen.append([(i, f) for b in loader for i, f in zip(b["index"].tolist(), b["flip"].tolist())])
+            seen.append([(i, f, s) for b in loader for i, f, s in zip(b["index"].tolist(), b["flip"].tolist(), b["seed"])])
         expected = order(8, cfg.SEED, epoch)
         # batch k of the shared order goes to process k % 2: disjoint halves, together every image once
         assert seen[0] == expected[0:2] + expected[4:6] and seen[1] == expected[2:4] + expected[6:8], (epoch, seen)

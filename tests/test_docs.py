@@ -19,6 +19,7 @@ import re
 import pytest
 
 import lora_complete_example as lce
+import lora_dreambooth_example as ldb
 from conftest import REPO_ROOT, SCRIPT
 from lora_tools.config import UserError, parse_value
 
@@ -74,6 +75,7 @@ def prose_and_code(text):
 
 # ----------------------------------------------------------------------------- (a) python blocks
 REAL_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+COPIED_FROM_THE_SCRIPT = {"compute_loss", "train"}  # chapter 4's copies, compared with the script's
 
 
 def substitute(code, model_dir, lora_dirs):
@@ -105,6 +107,13 @@ def test_python_block_runs(doc, index, line, code, markers, tiny_model_dir, doc_
     if "cuda" in code.lower() and "cuda-ok" not in markers:
         pytest.fail(f"{doc} block {index} (line {line}) still mentions CUDA after the substitutions; make it run on a "
                     f"CPU, or mark it <!-- doc-test: cuda-ok (why) --> or <!-- doc-test: skip (why) -->:\n{code}")
+    body = ast.parse(code).body
+    defined = [n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    if defined and all(isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)) for n in body):
+        # a block that only defines is tested only where something calls it: the script's own functions, copied
+        # (test_chapter_4_shows_the_real_loss_and_loop), run by every training run of the suite
+        assert set(defined) <= COPIED_FROM_THE_SCRIPT, f"{doc} block {index} defines {defined}, which nothing calls"
+        return
     monkeypatch.chdir(tmp_path)  # files a snippet writes land in a scratch folder
     namespace = {"__name__": f"doc_{index}"}
     try:
@@ -154,15 +163,21 @@ def test_chapter_4_mirrors_the_script_sections():
         assert heading in (title, short_title(title)), f"### 4.{n} is {heading!r}; the script's section {n} is {title!r}"
 
 
-def test_chapter_4_shows_the_real_compute_loss():
-    """Chapter 4 opens with the script's compute_loss, copied: the copy must be the code that runs."""
+def chapter_4():
+    m = re.search(r"^## 4\. .*?$(.*?)^## 5\. ", read(TUTORIAL), re.S | re.M)
+    assert m, "the tutorial has no chapter 4 followed by a chapter 5"
+    return m.group(1)
+
+
+@pytest.mark.parametrize("name", ["compute_loss", "train"])
+def test_chapter_4_shows_the_real_loss_and_loop(name):
+    """Chapter 4 shows the script's compute_loss and its training loop, train(), copied: each copy must
+    be the code that runs (and is run by every test of a training run)."""
     source = open(SCRIPT, encoding="utf-8").read()
-    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "compute_loss")
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
     real = ast.get_source_segment(source, node).strip()
-    m = re.search(r"^## 4\. .*?$(.*?)^### 4\.1 ", read(TUTORIAL), re.S | re.M)
-    assert m, "the tutorial has no chapter 4 opening before 4.1"
-    copies = [code.strip() for lang, code, _, _ in fenced_blocks(m.group(1)) if lang == "python" and "def compute_loss(" in code]
-    assert copies == [real], "the tutorial's copy of compute_loss differs from the script's (copy it again from section 6)"
+    copies = [code.strip() for lang, code, _, _ in fenced_blocks(chapter_4()) if lang == "python" and f"def {name}(" in code]
+    assert copies == [real], f"the tutorial's copy of {name} differs from the script's (copy it again)"
 
 
 def test_chapter_4_is_written():
@@ -187,7 +202,7 @@ SCRIPT_RE = re.compile(r"[\w./-]*?([\w-]+\.py)\b")
 MAIN_SCRIPT = os.path.basename(SCRIPT)
 
 
-def script_options(name):
+def _script_options(name):
     """The --NAME= options of another script of this repository: its top-level UPPER_CASE
     constants (a configurator like ours) and any "--NAME=" it spells out; None if no such file."""
     paths = [p for p in (os.path.join(REPO_ROOT, name), os.path.join(REPO_ROOT, "benchmarks", name)) if os.path.isfile(p)]
@@ -205,6 +220,14 @@ def script_at(line, pos):
     return found[-1] if found else MAIN_SCRIPT
 
 
+def script_options(name):
+    """The --NAME= options of a script of this repository: its settings when it is one of our two
+    training scripts, else its top-level UPPER_CASE constants and any "--NAME=" it spells out."""
+    if name == "lora_dreambooth_example.py":
+        return set(ldb.CONFIG_KEYS)
+    return _script_options(name)
+
+
 def settings_mentioned(text):
     """[(name, line number, line)]: underscored UPPER_CASE words anywhere, and one-word UPPER_CASE
     inline code spans (`SEED`)."""
@@ -217,7 +240,7 @@ def settings_mentioned(text):
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_upper_case_name_is_a_setting(doc):
-    known = set(lce.CONFIG_KEYS) | ALLOWED_NON_CONFIG
+    known = set(ldb.CONFIG_KEYS) | ALLOWED_NON_CONFIG  # the core script's settings and the DreamBooth script's
     unknown = {}
     mentioned = settings_mentioned(read(doc))
     assert len({name for name, _, _ in mentioned} & set(lce.CONFIG_KEYS)) >= 10, "the documents name settings: none found"
@@ -233,13 +256,13 @@ def test_every_upper_case_name_is_a_setting(doc):
 
 def override_problems(text):
     defaults = {k: getattr(lce, k) for k in lce.CONFIG_KEYS}
-    problems = []
+    problems, carried = [], None
     for lineno, line in enumerate(text.splitlines(), 1):
         for m in OVERRIDE_RE.finditer(line):
             name, value = m.groups()
             if name == "NAME" or name in MISSPELT_EXAMPLES:
                 continue
-            script = script_at(line, m.start())
+            script = script_at(line, m.start()) if carried is None or SCRIPT_RE.search(line) else carried
             if script != MAIN_SCRIPT:
                 options = script_options(script)
                 if options is None:
@@ -254,6 +277,8 @@ def override_problems(text):
                     parse_value(name, value, defaults[name])
                 except UserError as e:
                     problems.append(f"line {lineno}: {e}")
+        # a command continued on the next line (a trailing backslash) keeps its script
+        carried = (SCRIPT_RE.findall(line)[-1] if SCRIPT_RE.search(line) else carried) if line.rstrip().endswith("\\") else None
     return problems
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora_complete_example as lce
-from conftest import REPO_ROOT, finish, python_driver, start_script
+from conftest import REPO_ROOT, SCRIPT, run_as_main
 from lora_tools.files import atomic_path
 
 OOM_SETTINGS = ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "GRADIENT_CHECKPOINTING", "RESOLUTION", "CACHE_LATENTS",
@@ -38,9 +38,10 @@ def file_bytes(folder):
 
 @pytest.fixture(scope="module")
 def failing_runs(tmp_path_factory, tiny_args):
-    """Two tiny runs: one at LEARNING_RATE=1e30 into a folder that already holds a
-    good adapter, its config and a checkpoint; one whose loss raises CUDA's out-of-memory error
-    (the script does `from torch.nn.functional import mse_loss`, so patching it reaches the step)."""
+    """Two tiny runs of the script as __main__ (conftest.run_as_main): one at LEARNING_RATE=1e30 into a
+    folder that already holds a good adapter, its config and a checkpoint; one whose loss raises CUDA's
+    out-of-memory error (the script does `from torch.nn.functional import mse_loss`, so patching it
+    before the script starts reaches the step)."""
     out = tmp_path_factory.mktemp("diverge") / "out"
     (out / "checkpoint-3").mkdir(parents=True)
     save_file({"unet.known": torch.arange(6, dtype=torch.float32)}, str(out / lce.WEIGHTS_NAME))
@@ -48,16 +49,16 @@ def failing_runs(tmp_path_factory, tiny_args):
     for name in ("pytorch_lora_weights.safetensors", "training_state.pt", "training_config.json"):
         (out / "checkpoint-3" / name).write_bytes(b"earlier " + name.encode())
     before = file_bytes(str(out))
-    driver = python_driver(tmp_path_factory.mktemp("oom") / "oom.py", "import torch, torch.nn.functional\n"
-                           "def out_of_memory(*args, **kwargs):\n"
-                           "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
-                           "torch.nn.functional.mse_loss = out_of_memory")
-    # started side by side: each mostly waits for its imports
-    diverge = start_script(*tiny_args("--MAX_TRAIN_STEPS=10", "--LEARNING_RATE=1e30", "--CHECKPOINTING_STEPS=None",
-                                      f"--OUTPUT_DIR={out}"))
-    oom = start_script(*tiny_args("--MAX_TRAIN_STEPS=5", f"--OUTPUT_DIR={out.parent / 'oom_out'}"), program=driver)
-    return dict(out=str(out), before=before, diverge=finish(diverge, timeout=300, check=False),
-                oom=finish(oom, timeout=300, check=False))
+    diverge = run_as_main(SCRIPT, *tiny_args("--MAX_TRAIN_STEPS=10", "--LEARNING_RATE=1e30", "--CHECKPOINTING_STEPS=None",
+                                             f"--OUTPUT_DIR={out}"))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "mse_loss", out_of_memory)
+        oom = run_as_main(SCRIPT, *tiny_args("--MAX_TRAIN_STEPS=5", f"--OUTPUT_DIR={out.parent / 'oom_out'}"))
+    return dict(out=str(out), before=before, diverge=diverge, oom=oom)
 
 
 @pytest.mark.xdist_group("failures")

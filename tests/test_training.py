@@ -1,134 +1,98 @@
-"""Training (section 6): one run of the script's sections called in main's order on the tiny model,
-keeping the models it trains — the frozen weights stay bit-identical, every LoRA tensor trains, the
-loss falls, clipping acts at every optimizer step, and the saved files reload into a fresh diffusers
-pipeline as exactly the trained UNet and text encoder (α != r). Then the loss itself: Min-SNR-γ,
-offset noise, gradient checkpointing."""
+"""Training (section 6), observed on the script's own run (lce.main on the tiny model): only LoRA
+tensors train, each of them does, the loss falls, clipping acts at every optimizer step, the saved files
+hold exactly the trained tensors and reload into a fresh diffusers pipeline as the trained model
+(α != r), gradient accumulation is exactly a larger batch; the frozen weights stay bit-identical through
+the real training loop. Then the loss itself: Min-SNR-γ, offset noise, v-prediction, gradient checkpointing."""
 import json
 import math
 import os
 import re
-import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import lora_complete_example as lce
-from conftest import (WEBUI_NAME, assert_close, capture_library_messages, collate, fresh_pipe, key_complaints,
-                      lora_layer_names, maxdiff, outputs, pipe_outputs, read_safetensors, tol, total_grad_norm)
+from conftest import (WEBUI_NAME, assert_close, capture_library_messages, collate_items, fresh_pipe, key_complaints,
+                      lora_layer_names, lora_weights, maxdiff, outputs, pipe_outputs, read_safetensors, run_main, tol)
+from lora_tools.checkpoint import load_checkpoint
 
 RANK, ALPHA, STEPS, MAX_GRAD_NORM = 4, 8, 40, 0.01
 
 
+def metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_args):
-    """main's sections 1-7, called one by one: r=4, α=8, the text encoder trained too, gradient
-    accumulation, a high learning rate and a MAX_GRAD_NORM small enough that clipping acts at every step."""
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-
+    """The script's run: r=4, α=8, the text encoder trained too, gradient accumulation, a high learning rate,
+    a MAX_GRAD_NORM small enough that clipping acts at every step, every step logged, a checkpoint half-way."""
     out = str(tmp_path_factory.mktemp("trained") / "out")
-    cfg = lce.resolve_config(tiny_args(f"--OUTPUT_DIR={out}", f"--LORA_RANK={RANK}", f"--LORA_ALPHA={ALPHA}",
-                                       f"--MAX_GRAD_NORM={MAX_GRAD_NORM}", "--LEARNING_RATE=1e-2", f"--MAX_TRAIN_STEPS={STEPS}",
-                                       "--BATCH_SIZE=2", "--GRADIENT_ACCUMULATION_STEPS=2", "--TRAIN_TEXT_ENCODER=True"))
-    accelerator, dtype = lce.start(cfg)
-    set_seed(cfg.SEED)
+    return run_main(tiny_args(f"--OUTPUT_DIR={out}", f"--LORA_RANK={RANK}", f"--LORA_ALPHA={ALPHA}",
+                              f"--MAX_GRAD_NORM={MAX_GRAD_NORM}", "--LEARNING_RATE=1e-2", f"--MAX_TRAIN_STEPS={STEPS}",
+                              "--BATCH_SIZE=2", "--GRADIENT_ACCUMULATION_STEPS=2", "--TRAIN_TEXT_ENCODER=True",
+                              "--LOG_EVERY=1", f"--CHECKPOINTING_STEPS={STEPS // 2}"))
+
+
+def trained_model(run, folder, trainable):
+    """The model a run trained, built without the script's loading code: the base model from disk, PEFT
+    adapters with the run's settings, then the trained tensors (a checkpoint's, by parameter name)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(run.cfg.MODEL_ID, safety_checker=None)
+    lce.add_lora(pipe.unet, run.cfg, run.cfg.TARGET_MODULES)
+    lce.add_lora(pipe.text_encoder, run.cfg, run.cfg.TEXT_ENCODER_TARGET_MODULES, "TEXT_ENCODER_TARGET_MODULES")
+    params = {f"{name}.{n}": p for name, m in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
+              for n, p in m.named_parameters() if p.requires_grad}
+    assert params.keys() == trainable.keys()
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(trainable[n])
+    return pipe
+
+
+# ----------------------------------------------------------------------------- what trains
+def test_only_the_lora_tensors_train_and_every_one_of_them_moved(trained_run):
+    state = load_checkpoint(os.path.join(trained_run.out, f"checkpoint-{STEPS // 2}"))
+    trainable = state["trainable"]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)  # nothing else trains
+    assert any(n.startswith("text_encoder.") for n in trainable)
+    # the optimizer holds exactly these tensors: no frozen weight gets a step or weight decay
+    assert sum(len(g["params"]) for g in state["optimizer"]["param_groups"]) == len(trainable)
+    assert all(v.dtype == torch.float32 for v in trainable.values())
+    # every LoRA tensor moved from where it started (B from 0): the final file against the step-20 one,
+    # except two that cannot: at 64 px the mid block sees 1x1 latents, its self-attention has a single
+    # token, softmax over one key is constant, and to_q / to_k get a zero gradient
+    final, half = lora_weights(trained_run.out), lora_weights(os.path.join(trained_run.out, f"checkpoint-{STEPS // 2}"))
+    single_token = {k for k in final if re.match(r"unet\.mid_block\..*\.attn1\.to_[qk]\.", k)}
+    assert all(final[k].abs().max() > 0 for k in final if ".up." in k and k not in single_token)
+    unchanged = {k for k in final if torch.equal(final[k], half[k])}
+    assert unchanged <= single_token and len(single_token) == 4, unchanged
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(trained_run, load_tiny):
+    """compute_loss on all 8 images with fixed seeds: the base model, then base + the trained LoRA."""
+    cfg = trained_run.cfg
+    sd = load_tiny(cfg)
     images, captions = lce.load_captioned_images(cfg, show_progress=False)
-    tok, te, vae, unet, sched = lce.load_models(cfg, dtype, dtype)
-    lce.freeze(te, vae, unet)
-    params = lce.add_lora(unet, cfg, cfg.TARGET_MODULES) + lce.add_lora(te, cfg, cfg.TEXT_ENCODER_TARGET_MODULES,
-                                                                         "TEXT_ENCODER_TARGET_MODULES")
-    initial = {f"{part}.{n}": p.detach().clone() for part, m in (("unet", unet), ("te", te))
-               for n, p in m.named_parameters() if p.requires_grad}
-    dataset = lce.CaptionedImages(images, lce.tokenize(tok, captions), cfg)
-    fixed_batch = collate(dataset[(i, False)] for i in range(len(dataset)))  # all 8 images, unflipped
-
-    def fixed_batch_loss():
-        with torch.no_grad(), torch.random.fork_rng():
-            torch.manual_seed(1234)
-            return lce.compute_loss(fixed_batch, unet, sched, vae.config.scaling_factor, vae, te).item()
-
-    loss_before = fixed_batch_loss()
-    dataloader = lce.make_dataloader(lce.cache_latents(dataset, vae, te, cfg, show_progress=False), cfg, cuda=False)
-    optimizer = lce.make_optimizer([(unet, cfg.LEARNING_RATE), (te, cfg.LEARNING_RATE)], cfg, cuda=False)
-    train_unet, train_te, optimizer, dataloader = accelerator.prepare(unet, te, optimizer, dataloader)
-    lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer=optimizer, num_training_steps=STEPS)
-    clip_calls, clip = [], accelerator.clip_grad_norm_
-
-    def recording_clip(parameters, max_norm, *args, **kwargs):
-        pre = total_grad_norm(parameters)
-        returned = clip(parameters, max_norm, *args, **kwargs)
-        clip_calls.append(dict(params=parameters, max_norm=max_norm, pre=pre, post=total_grad_norm(parameters),
-                               returned=float(returned), sync=accelerator.sync_gradients))
-        return returned
-
-    accelerator.clip_grad_norm_ = recording_clip
-    set_seed(cfg.SEED, device_specific=True)
-    steps = lce.train(cfg, accelerator, unet, te, [train_unet, train_te], optimizer, lr_scheduler, dataloader, sched,
-                      vae.config.scaling_factor, STEPS)
-    lce.save_and_check(cfg, accelerator, unet, te, 8, steps, len(dataset), time.time())
-    unet.eval()
-    te.eval()
-    return SimpleNamespace(cfg=cfg, out=out, unet=unet, te=te, vae=vae, params=params, initial=initial, steps=steps,
-                           loss_before=loss_before, loss_after=fixed_batch_loss(), clip_calls=clip_calls)
+    ds = lce.CaptionedImages(images, lce.tokenize(sd.tokenizers, captions), cfg)
+    batch = collate_items(ds, [(i, False, 1000 + i) for i in range(len(ds))])
+    with torch.no_grad():
+        before = lce.compute_loss(batch, sd).mean().item()
+        pipe = fresh_pipe(cfg.MODEL_ID, trained_run.out)
+        sd.unet, sd.text_encoders = pipe.unet, (pipe.text_encoder,)
+        after = lce.compute_loss(batch, sd).mean().item()
+    assert after < 0.9 * before, (before, after)
 
 
-# ----------------------------------------------------------------------------- frozen = untouched
-def test_run_trained_exactly_the_lora_tensors(trained_run):
-    assert trained_run.steps == STEPS
-    for model in (trained_run.unet, trained_run.te):
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        assert trainable and all(".lora_" in n for n in trainable)
-    assert sorted(map(id, trained_run.params)) == sorted(id(p) for m in (trained_run.unet, trained_run.te)
-                                                         for p in m.parameters() if p.requires_grad)
-    assert not any(p.requires_grad for p in trained_run.vae.parameters())
-
-
-def test_every_frozen_tensor_is_bit_identical_to_the_checkpoint_on_disk(trained_run, tiny_model_dir):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    for model, cls, folder in ((trained_run.unet, UNet2DConditionModel, "unet"), (trained_run.te, CLIPTextModel, "text_encoder"),
-                               (trained_run.vae, AutoencoderKL, "vae")):
-        fresh = dict(cls.from_pretrained(tiny_model_dir, subfolder=folder).named_parameters())
-        # PEFT moves a wrapped Linear's weights under `.base_layer`
-        frozen = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if ".lora_" not in n}
-        assert frozen.keys() == fresh.keys(), folder
-        for n, p in frozen.items():
-            assert not p.requires_grad and p.grad is None, n
-            assert p.dtype == fresh[n].dtype and torch.equal(p.detach(), fresh[n].detach()), f"{folder}.{n} changed"
-
-
-def test_every_lora_tensor_trained_and_b_started_at_zero(trained_run):
-    now = {f"{part}.{n}": p for part, m in (("unet", trained_run.unet), ("te", trained_run.te))
-           for n, p in m.named_parameters() if p.requires_grad}
-    assert now.keys() == trained_run.initial.keys()
-    assert all(p.dtype == torch.float32 for p in now.values())
-    b_names = [n for n in now if ".lora_B." in n]
-    assert 2 * len(b_names) == len(now) and any(n.startswith("te.") for n in b_names)
-    assert all(torch.count_nonzero(trained_run.initial[n]) == 0 for n in b_names)
-    unchanged = {n for n, p in now.items() if torch.equal(p.detach(), trained_run.initial[n])}
-    # Every LoRA tensor trained, except at most two that cannot: at 64 px the mid block sees 1x1 latents,
-    # its self-attention has a single token, softmax over one key is constant, and to_q / to_k get a zero
-    # gradient (or, from the kernel's rounding, one of ~1e-9 that AdamW still turns into a step).
-    single_token = {n for n in b_names if re.match(r"unet\.mid_block\..*\.attn1\.to_[qk]\.", n)}
-    assert len(single_token) == 2 and unchanged <= single_token, unchanged
-
-
-def test_training_lowers_the_loss_on_a_fixed_batch(trained_run):
-    assert trained_run.loss_after < 0.9 * trained_run.loss_before, (trained_run.loss_before, trained_run.loss_after)
-
-
-def test_the_lora_gradients_are_clipped_once_per_optimizer_step(trained_run):
-    calls = trained_run.clip_calls
-    assert len(calls) == STEPS  # not once per micro-batch (accumulation = 2)
-    for c in calls:
-        assert c["sync"], "clipped on a micro-batch that does not step the optimizer"
-        assert isinstance(c["params"], list) and sorted(map(id, c["params"])) == sorted(map(id, trained_run.params))
-        assert c["max_norm"] == MAX_GRAD_NORM and c["post"] <= MAX_GRAD_NORM * (1 + 1e-4)
-        assert c["returned"] == pytest.approx(c["pre"], rel=1e-4)
-        assert c["pre"] > MAX_GRAD_NORM  # above the limit before: clipping really happened, at every step
+def test_the_gradients_are_clipped_at_every_optimizer_step(trained_run):
+    """metrics.jsonl logs each step's gradient norm before clipping: above MAX_GRAD_NORM at every step,
+    so clip_grad_norm_ scaled the gradients down at every step (a spent iterator would give a norm of 0)."""
+    lines = metrics(trained_run.out)
+    assert [r["step"] for r in lines] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > MAX_GRAD_NORM for r in lines), lines[:3]
 
 
 # ----------------------------------------------------------------------------- the saved files
@@ -139,62 +103,125 @@ def reloaded(trained_run, tiny_model_dir):
     return pipe, messages
 
 
-def test_saved_file_holds_exactly_the_trained_tensors_with_rank_and_alpha(trained_run):
+def test_a_checkpoints_file_holds_exactly_its_trained_tensors_and_reloads_as_that_model(trained_run, tiny_model_dir):
+    """checkpoint-20/: its LoRA file (diffusers' format, read by load_lora_weights) gives exactly the
+    model made of its own trained tensors, for the UNet and the text encoder, at the trained strength."""
+    folder = os.path.join(trained_run.out, f"checkpoint-{STEPS // 2}")
+    model = trained_model(trained_run, folder, load_checkpoint(folder)["trainable"])
+    with capture_library_messages() as messages:
+        pipe = fresh_pipe(tiny_model_dir, folder)
+    assert key_complaints(messages) == [], messages
+    y_trained, h_trained = pipe_outputs(model)
+    y, h = pipe_outputs(pipe)
+    assert_close(y, y_trained, what="UNet")
+    assert_close(h, h_trained, what="text encoder")
+    y0, h0 = pipe_outputs(fresh_pipe(tiny_model_dir))
+    assert maxdiff(y_trained, y0) > 1000 * tol(y_trained) and maxdiff(h_trained, h0) > 1000 * tol(h_trained)
+
+
+def test_saved_file_has_rank_alpha_and_targets_of_both_models(trained_run):
     tensors, meta = read_safetensors(os.path.join(trained_run.out, lce.WEIGHTS_NAME))
-    expected = lce.lora_state_dict(trained_run.unet, trained_run.te)
-    assert tensors.keys() == expected.keys()
-    assert all(tensors[k].dtype == torch.float32 and torch.equal(tensors[k], v) for k, v in expected.items())
-    # one A and one B per adapted CLIP projection: 2 layers x 4 targets
+    assert all(v.dtype == torch.float32 for v in tensors.values())
     te_keys = [k for k in tensors if k.startswith("text_encoder.")]
-    assert len(te_keys) == 2 * len(lora_layer_names(trained_run.te)) == 2 * 2 * len(lce.TEXT_ENCODER_TARGET_MODULES)
+    assert len(te_keys) == 2 * 2 * len(lce.TEXT_ENCODER_TARGET_MODULES)  # an A and a B per CLIP projection, 2 layers
     adapter = json.loads(meta["lora_adapter_metadata"])
     for part, targets in (("unet", lce.TARGET_MODULES), ("text_encoder", lce.TEXT_ENCODER_TARGET_MODULES)):
         assert adapter[f"{part}.r"] == RANK and adapter[f"{part}.lora_alpha"] == ALPHA
         assert sorted(adapter[f"{part}.target_modules"]) == sorted(targets)
         assert adapter[f"{part}.use_dora"] is False and adapter[f"{part}.use_rslora"] is False
-    assert json.loads(meta["training_config"]) == trained_run.cfg.as_dict()
-    with open(os.path.join(trained_run.out, "training_config.json")) as f:
-        assert json.load(f) == trained_run.cfg.as_dict()
 
 
-def test_both_files_reproduce_the_trained_models_in_a_fresh_pipeline(trained_run, reloaded, tiny_model_dir):
+def test_both_final_files_load_to_one_model_at_the_trained_strength(trained_run, reloaded, tiny_model_dir):
     pipe, messages = reloaded
     assert key_complaints(messages) == [], messages
-    y_trained, h_trained = outputs(trained_run.unet, trained_run.te)
-    y, h = pipe_outputs(pipe)
-    assert_close(y, y_trained, what="UNet, diffusers file")
-    assert_close(h, h_trained, what="text encoder, diffusers file")
-    # at the trained strength α/r = 2, and the adapters matter: the comparison is not base vs base
     assert {m.scaling[a] for m in pipe.unet.modules() if hasattr(m, "scaling") for a in m.scaling} == {ALPHA / RANK}
-    y0, h0 = pipe_outputs(fresh_pipe(tiny_model_dir))
-    assert maxdiff(y_trained, y0) > 1000 * tol(y_trained) and maxdiff(h_trained, h0) > 1000 * tol(h_trained)
-    # the WebUI/ComfyUI file (kohya keys) loads to the same two models
-    y, h = pipe_outputs(fresh_pipe(tiny_model_dir, trained_run.out, weight_name=WEBUI_NAME))
-    assert_close(y, y_trained, what="UNet, WebUI file")
-    assert_close(h, h_trained, what="text encoder, WebUI file")
+    y, h = pipe_outputs(pipe)
+    webui = pipe_outputs(fresh_pipe(tiny_model_dir, trained_run.out, weight_name=WEBUI_NAME))  # kohya keys
+    assert_close(webui[0], y, what="UNet, WebUI file")
+    assert_close(webui[1], h, what="text encoder, WebUI file")
+    assert "reload check:" in trained_run.log  # and the run's own check of the UNet, against its trained model
 
 
-def test_alpha_metadata_matters_same_weights_at_scale_one_differ(trained_run, tmp_path, tiny_model_dir):
+def test_alpha_metadata_matters_same_weights_at_scale_one_differ(trained_run, reloaded, tmp_path, tiny_model_dir):
     """Without the alpha metadata diffusers would assume alpha = r (scale 1, not 2): the output
     would differ. So the metadata in our file is what makes the reload exact."""
     save_file(load_file(os.path.join(trained_run.out, lce.WEIGHTS_NAME)), str(tmp_path / lce.WEIGHTS_NAME), metadata={"format": "pt"})
     pipe = fresh_pipe(tiny_model_dir, str(tmp_path))
     assert {m.scaling[a] for m in pipe.unet.modules() if hasattr(m, "scaling") for a in m.scaling} == {1.0}
-    assert maxdiff(pipe_outputs(pipe)[0], outputs(trained_run.unet)[0]) > 1e-3
+    assert maxdiff(pipe_outputs(pipe)[0], pipe_outputs(reloaded[0])[0]) > 1e-3
 
 
-def test_key_complaint_capture_works(trained_run, tmp_path, tiny_model_dir):
-    """Negative control for the 'no key complaints' assertions: a file missing one tensor is
-    reported by diffusers, and capture_library_messages sees it."""
+def test_a_file_missing_a_tensor_is_reported_by_diffusers(trained_run, tmp_path, tiny_model_dir):
+    """Control for the 'no key complaints' assertions above: diffusers logs a file missing one tensor,
+    naming it, and capture_library_messages sees that line."""
     tensors, meta = read_safetensors(os.path.join(trained_run.out, lce.WEIGHTS_NAME))
-    del tensors[sorted(k for k in tensors if k.startswith("unet.") and ".up." in k)[0]]
+    gone = sorted(k for k in tensors if k.startswith("unet.") and ".up." in k)[0]
+    del tensors[gone]
     save_file(tensors, str(tmp_path / lce.WEIGHTS_NAME), metadata=meta)
     with capture_library_messages() as messages:
-        try:
-            fresh_pipe(tiny_model_dir, str(tmp_path))
-        except Exception as e:  # refusing the file outright is also a complaint
-            messages.append(f"missing key error: {e}")
-    assert key_complaints(messages), messages
+        fresh_pipe(tiny_model_dir, str(tmp_path))
+    layer = gone[len("unet."):].split(".lora")[0]
+    assert [m for m in key_complaints(messages) if "missing keys" in m and layer in m], messages
+
+
+# ----------------------------------------------------------------------------- accumulation = a larger batch
+@pytest.fixture(scope="module")
+def batch_splits(tmp_path_factory, tiny_args):
+    """The same 6 images, 2 epochs, three ways: batches of 4 (4 + 2 images a step), micro-batches of 2
+    accumulated 2 at a time (2 + 2, then 2 alone), and of 1 accumulated 4 at a time (then 2 alone)."""
+    runs = {}
+    for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path_factory.mktemp(f"b{batch}x{accumulation}") / "out"
+        runs[(batch, accumulation)] = run_main(tiny_args(f"--OUTPUT_DIR={out}", "--MAX_TRAIN_SAMPLES=6", "--NUM_EPOCHS=2",
+                                                         f"--BATCH_SIZE={batch}", f"--GRADIENT_ACCUMULATION_STEPS={accumulation}",
+                                                         "--LOG_EVERY=1", "--CHECKPOINTING_STEPS=None"))
+    return runs
+
+
+def test_gradient_accumulation_gives_the_update_of_the_larger_batch(batch_splits):
+    """Each example draws its noise from its own seed and each step averages over its examples (an
+    epoch's last, smaller step included), so accumulating micro-batches is one larger batch: the same
+    losses and the same weights, to float rounding."""
+    (ref_key, ref), *others = batch_splits.items()
+    assert "2 steps/epoch, 4 steps, 2 epochs" in ref.log
+    ref_w, ref_m = lora_weights(ref.out), metrics(ref.out)
+    for key, run in others:
+        assert "2 steps/epoch, 4 steps, 2 epochs" in run.log, key
+        w, m = lora_weights(run.out), metrics(run.out)
+        assert max(maxdiff(w[k], ref_w[k]) for k in w) <= 1e-5, key
+        assert [r["loss"] for r in m] == pytest.approx([r["loss"] for r in ref_m], rel=1e-5), key
+    assert max(maxdiff(v, 0) for v in ref_w.values()) > 1e-3  # they trained
+
+
+# ----------------------------------------------------------------------------- frozen = untouched, in the loop
+def test_every_frozen_tensor_is_bit_identical_after_the_training_loop(make_cfg, load_tiny, tiny_model_dir):
+    """Three optimizer steps of the real loop (lce.train on a run built by the functions main uses), the
+    text encoder trained too: every frozen tensor is then still the one on disk, bit for bit."""
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cfg = make_cfg("--TRAIN_TEXT_ENCODER=True", "--MAX_TRAIN_STEPS=3", "--LEARNING_RATE=1e-2", "--CACHE_LATENTS=False",
+                   "--CHECKPOINTING_STEPS=None", "--LOG_EVERY=100")
+    sd = load_tiny(cfg)
+    lce.add_lora(sd.unet, cfg, cfg.TARGET_MODULES)
+    lce.add_lora(sd.text_encoders[0], cfg, cfg.TEXT_ENCODER_TARGET_MODULES, "TEXT_ENCODER_TARGET_MODULES")
+    images, captions = lce.load_captioned_images(cfg, show_progress=False)
+    dataset = lce.CaptionedImages(images, lce.tokenize(sd.tokenizers, captions), cfg)
+    groups = lce.lora_param_groups([(sd.unet, cfg.LEARNING_RATE), (sd.text_encoders[0], cfg.LEARNING_RATE)], cfg)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    run = lce.prepare_run(cfg, Accelerator(cpu=True), sd, dataset, groups)
+    assert lce.train(run) == 3
+    for model, cls, folder in ((sd.unet, UNet2DConditionModel, "unet"), (sd.text_encoders[0], CLIPTextModel, "text_encoder"),
+                               (sd.vae, AutoencoderKL, "vae")):
+        fresh = dict(cls.from_pretrained(tiny_model_dir, subfolder=folder).named_parameters())
+        # PEFT moves a wrapped Linear's weights under `.base_layer`
+        frozen = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if ".lora_" not in n}
+        assert frozen.keys() == fresh.keys(), folder
+        for n, p in frozen.items():
+            assert not p.requires_grad and p.grad is None, n
+            assert p.dtype == fresh[n].dtype and torch.equal(p.detach(), fresh[n].detach()), f"{folder}.{n} changed"
+    assert any(p.abs().max() > 0 for n, p in sd.unet.named_parameters() if "lora_B" in n)  # and the LoRA did train
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -221,60 +248,58 @@ def test_min_snr_weights_match_the_formula(schedulers):
     assert torch.allclose(w_eps[snr < gamma].double(), torch.ones(int((snr < gamma).sum()), dtype=torch.float64))
 
 
-def test_compute_loss_with_snr_gamma_is_the_weighted_per_image_mse(make_cfg, load_tiny, schedulers):
-    eps, _ = schedulers
-    unet = load_tiny(make_cfg())[3]
-    g = torch.Generator().manual_seed(11)
-    B = 6
-    batch = {"latent_mean": torch.randn(B, 4, 8, 8, generator=g), "latent_std": 0.1 * torch.rand(B, 4, 8, 8, generator=g),
-             "text_emb": torch.randn(B, 77, 32, generator=g)}
-    sf, gamma, seed = 0.18215, 2.0, 5
+def by_hand(seeds, shape, num_timesteps=1000):
+    """Each example's draws as compute_loss makes them, written out: its own generator, in the order
+    sample of z0, ε, t."""
+    draws = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        draws.append((torch.randn(shape, generator=g), torch.randn(shape, generator=g),
+                      torch.randint(0, num_timesteps, (), generator=g)))
+    return [torch.stack(d) for d in zip(*draws)]
+
+
+def hand_batch(B, seed=11, width=32):
+    g = torch.Generator().manual_seed(seed)
+    return {"latent_mean": torch.randn(B, 4, 8, 8, generator=g), "latent_std": 0.1 * torch.rand(B, 4, 8, 8, generator=g),
+            "encoder_hidden_states": torch.randn(B, 77, width, generator=g), "seed": [100 + i for i in range(B)]}
+
+
+def test_compute_loss_with_snr_gamma_is_the_weighted_per_example_mse(make_cfg, load_tiny, schedulers):
+    sd = load_tiny(make_cfg())
+    sd.noise_scheduler = schedulers[0]
+    B, gamma = 6, 2.0
+    batch = hand_batch(B)
     with torch.no_grad():
-        torch.manual_seed(seed)
-        loss = lce.compute_loss(batch, unet, eps, sf, snr_gamma=gamma).item()
-        torch.manual_seed(seed)
-        plain = lce.compute_loss(batch, unet, eps, sf).item()
-        torch.manual_seed(seed)  # by hand, the same random draws in the same order: z0, ε, t
-        latents = (batch["latent_mean"] + batch["latent_std"] * torch.randn(B, 4, 8, 8)) * sf
-        noise = torch.randn(B, 4, 8, 8)
-        t = torch.randint(0, 1000, (B,))
-        ac = eps.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
-        pred = unet((ac.sqrt() * latents.double() + (1 - ac).sqrt() * noise.double()).float(), t, batch["text_emb"],
-                    return_dict=False)[0]
-    per_image = ((pred.double() - noise.double()) ** 2).mean(dim=(1, 2, 3))
+        loss = lce.compute_loss(batch, sd, snr_gamma=gamma)
+        plain = lce.compute_loss(batch, sd)
+        sample, noise, t = by_hand(batch["seed"], (4, 8, 8))
+        latents = (batch["latent_mean"] + batch["latent_std"] * sample) * 0.18215
+        ac = sd.noise_scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+        pred = sd.unet((ac.sqrt() * latents.double() + (1 - ac).sqrt() * noise.double()).float(), t,
+                       batch["encoder_hidden_states"], return_dict=False)[0]
+    per_example = ((pred.double() - noise.double()) ** 2).mean(dim=(1, 2, 3))
     snr = ac.view(-1) / (1 - ac.view(-1))
     weights = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / snr
     assert (weights < 0.999).any() and (weights == 1).any(), (t, snr)  # both regimes in this batch
-    assert loss == pytest.approx((per_image * weights).mean().item(), rel=1e-4)
-    assert plain == pytest.approx(per_image.mean().item(), rel=1e-4)
-    assert abs(loss - plain) > 1e-3 * plain  # the weighting did something
-
-
-class AddNoiseSpy:
-    """The scheduler, with add_noise recording the noise compute_loss draws."""
-
-    def __init__(self, scheduler):
-        self.scheduler, self.config, self.noises = scheduler, scheduler.config, []
-
-    def add_noise(self, latents, noise, t):
-        self.noises.append(noise.detach().clone())
-        return self.scheduler.add_noise(latents, noise, t)
+    assert loss.shape == plain.shape == (B,)
+    torch.testing.assert_close(loss.double(), per_example * weights, rtol=1e-4, atol=0)
+    torch.testing.assert_close(plain.double(), per_example, rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("offset", [0.5, 0.0])
-def test_noise_offset_adds_one_shift_per_image_and_channel(schedulers, offset):
+def test_noise_offset_adds_one_shift_per_example_and_channel(offset):
     B, C, S = 256, 4, 16
-    batch = {"latent_mean": torch.zeros(B, C, S, S), "latent_std": torch.ones(B, C, S, S), "text_emb": torch.zeros(B, 77, 8)}
-    spy = AddNoiseSpy(schedulers[0])
-    torch.manual_seed(123)
-    loss = lce.compute_loss(batch, lambda noisy, *a, **k: (torch.zeros_like(noisy),), spy, 0.18215, noise_offset=offset)
-    (noise,) = spy.noises
-    torch.manual_seed(123)  # exactly randn + offset·randn(B, C, 1, 1), drawn after z0's randn
-    torch.randn(B, C, S, S)
-    expected = torch.randn(B, C, S, S) + (offset * torch.randn(B, C, 1, 1) if offset else 0)
-    assert torch.equal(noise, expected)
-    assert loss.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)  # the target is that noise
-    # the per-(image, channel) mean of the noise has std ≈ offset (plus 1/S = 0.0625 from the randn)
+    seeds = list(range(B))
+    sample, noise, t = lce.draw_noise(seeds, (C, S, S), 1000, offset, torch.device("cpu"))
+    expected = []
+    for seed in seeds:  # exactly randn + offset·randn(C, 1, 1) from the example's generator, after z0's randn
+        g = torch.Generator().manual_seed(seed)
+        torch.randn(C, S, S, generator=g)
+        eps = torch.randn(C, S, S, generator=g)
+        expected.append(eps + offset * torch.randn(C, 1, 1, generator=g) if offset else eps)
+    assert torch.equal(noise, torch.stack(expected))
+    # the per-(example, channel) mean of the noise has std ≈ offset (plus 1/S = 0.0625 from the randn)
     std = noise.mean(dim=(2, 3)).std().item()
     assert (abs(std - offset) <= 0.2 * offset) if offset else std < 0.1, std
 
@@ -287,7 +312,7 @@ def test_gradient_checkpointing_is_used_and_gives_the_same_gradients(make_cfg, l
     results = []
     for checkpointing in (False, True):
         cfg = make_cfg()
-        unet = load_tiny(cfg)[3]
+        unet = load_tiny(cfg).unet
         torch.manual_seed(0)
         params = lce.add_lora(unet, cfg, cfg.TARGET_MODULES)
         with torch.no_grad():  # B != 0, so that A gets gradients too
@@ -311,25 +336,19 @@ def test_gradient_checkpointing_is_used_and_gives_the_same_gradients(make_cfg, l
 def test_v_prediction_target_is_the_velocity(make_cfg, load_tiny, schedulers):
     """A v-prediction model (SD 2.x's 768-px models) learns v = √ᾱ_t·ε − √(1-ᾱ_t)·z0 (Salimans & Ho 2022),
     computed here by hand from the same random draws."""
-    _, v_sched = schedulers
-    unet = load_tiny(make_cfg())[3]
-    g = torch.Generator().manual_seed(3)
-    B = 4
-    batch = {"latent_mean": torch.randn(B, 4, 8, 8, generator=g), "latent_std": 0.1 * torch.rand(B, 4, 8, 8, generator=g),
-             "text_emb": torch.randn(B, 77, 32, generator=g)}
-    sf = 0.18215
+    sd = load_tiny(make_cfg())
+    sd.noise_scheduler = schedulers[1]
+    batch = hand_batch(4, seed=3)
     with torch.no_grad():
-        torch.manual_seed(9)
-        loss = lce.compute_loss(batch, unet, v_sched, sf).item()
-        torch.manual_seed(9)
-        z0 = ((batch["latent_mean"] + batch["latent_std"] * torch.randn(B, 4, 8, 8)) * sf).double()
-        eps = torch.randn(B, 4, 8, 8).double()
-        t = torch.randint(0, 1000, (B,))
-        ac = v_sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
-        pred = unet((ac.sqrt() * z0 + (1 - ac).sqrt() * eps).float(), t, batch["text_emb"], return_dict=False)[0].double()
-    v = ac.sqrt() * eps - (1 - ac).sqrt() * z0
-    assert loss == pytest.approx(((pred - v) ** 2).mean().item(), rel=1e-5)
-    assert abs(loss - ((pred - eps) ** 2).mean().item()) > 1e-3 * loss  # not the ε target
+        loss = lce.compute_loss(batch, sd)
+        sample, eps, t = by_hand(batch["seed"], (4, 8, 8))
+        z0 = ((batch["latent_mean"] + batch["latent_std"] * sample) * 0.18215).double()
+        ac = sd.noise_scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+        pred = sd.unet((ac.sqrt() * z0 + (1 - ac).sqrt() * eps.double()).float(), t, batch["encoder_hidden_states"],
+                       return_dict=False)[0].double()
+    v = ac.sqrt() * eps.double() - (1 - ac).sqrt() * z0
+    torch.testing.assert_close(loss.double(), ((pred - v) ** 2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=0)
+    assert (loss.double() - ((pred - eps.double()) ** 2).mean(dim=(1, 2, 3))).abs().min() > 1e-4  # not the ε target
 
 
 @pytest.fixture(scope="module")
