@@ -243,6 +243,19 @@ def start(cfg):
     return accelerator, DTYPES[mixed_precision], family
 
 
+def peak_memory_text(accelerator, phase):
+    """Peak memory since the last call: on a GPU what tensors held (torch.cuda.max_memory_allocated;
+    the caching allocator reserves somewhat more), on a CPU the process's resident-set high-water mark."""
+    if accelerator.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return f"peak GPU memory allocated while {phase}: {peak / 2**30:.2f} GB"
+    import resource  # Unix only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return f"peak host memory (RSS) so far: {peak / 2**30:.2f} GB"
+
+
 def check_resume(path, cfg, settings=SHAPE_SETTINGS):
     """Fail before any slow work when checkpoint `path` cannot continue this run (other tensor shapes)."""
     old, now = ckpt.checkpoint_config(path), cfg.as_dict()
@@ -819,6 +832,11 @@ class MetricsLog:
             self.accelerator.log(scalars, step=record["step"])
 
 
+def save_png(image, path):
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
 def render(pipe, cfg, prompts, seeds):
     """One image per (prompt, seed), each from its own CPU generator: the same noise on any device."""
     images = []
@@ -859,11 +877,6 @@ def log_validation(run, step):
     return path
 
 
-def save_png(image, path):
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
 def optimizer_steps(dataloader, accumulation, first_epoch, skip):
     """The micro-batches of each optimizer step, in order, epoch after epoch: (epoch, [micro-batches]),
     `accumulation` of them, fewer at an epoch's end. A resumed run first skips `skip` micro-batches."""
@@ -885,6 +898,13 @@ def gradient_sync(accelerator, models, now):
         for m in models:
             stack.enter_context(accelerator.no_sync(m))
     return stack
+
+
+def resume_command(command, checkpoint):
+    """`python <script> <its arguments> --RESUME_FROM=<checkpoint>`; command: (script, *arguments)."""
+    script, *args = command or (os.path.basename(__file__),)
+    kept = [a for a in args if not a.startswith("--RESUME_FROM=")]
+    return shlex.join(["python", script, *kept, f"--RESUME_FROM={checkpoint}"])
 
 
 def train(run, start_step=0, resume_rng=None):
@@ -966,26 +986,6 @@ def train(run, start_step=0, resume_rng=None):
     print0(f"trained {run.max_steps - start_step} steps in {time.time() - t0:.1f}s; "
            f"{peak_memory_text(acc, 'training')}")
     return run.max_steps
-
-
-def resume_command(command, checkpoint):
-    """`python <script> <its arguments> --RESUME_FROM=<checkpoint>`; command: (script, *arguments)."""
-    script, *args = command or (os.path.basename(__file__),)
-    kept = [a for a in args if not a.startswith("--RESUME_FROM=")]
-    return shlex.join(["python", script, *kept, f"--RESUME_FROM={checkpoint}"])
-
-
-def peak_memory_text(accelerator, phase):
-    """Peak memory since the last call: on a GPU what tensors held (torch.cuda.max_memory_allocated;
-    the caching allocator reserves somewhat more), on a CPU the process's resident-set high-water mark."""
-    if accelerator.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        return f"peak GPU memory allocated while {phase}: {peak / 2**30:.2f} GB"
-    import resource  # Unix only
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return f"peak host memory (RSS) so far: {peak / 2**30:.2f} GB"
 
 
 # =============================================================================

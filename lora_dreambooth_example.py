@@ -22,7 +22,6 @@ the class pictures in CLASS_DATA_DIR (default OUTPUT_DIR/class_images).
 """
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -38,21 +37,20 @@ from lora_complete_example import print0
 from lora_tools import checkpoint as ckpt
 from lora_tools.checks import check_dreambooth
 from lora_tools.config import UserError
-from lora_tools.dreambooth import (PairedImages, class_images, collate_pairs, expand_token, save_embedding,
-                                   token_names)
+from lora_tools.dreambooth import PairedImages, class_images, expand_token, save_embedding, token_names
 
 # =============================================================================
 # 1. Configuration: lora_complete_example.py's settings, and these
 # =============================================================================
 INSTANCE_PROMPT = None  # e.g. "a photo of <zwx> dog": every training picture's prompt; None = their captions
-CLASS_PROMPT = None  # e.g. "a photo of a dog": prior preservation on the base model's class pictures; None = off
-CLASS_DATA_DIR = None  # the class pictures: reused if there, else drawn by the base; None = OUTPUT_DIR/class_images
+CLASS_PROMPT = None  # e.g. "a photo of a dog": prior preservation on the base's class pictures; None = off
+CLASS_DATA_DIR = None  # the class pictures: reused, else drawn by the base; None = OUTPUT_DIR/class_images
 NUM_CLASS_IMAGES = 100  # class pictures (Ruiz et al. 2023: ~1000, "but less can be used"; diffusers: 200-300)
 PRIOR_LOSS_WEIGHT = 1.0  # λ in loss = subject loss + λ·class loss (Ruiz et al. Eq. 2 use λ = 1)
-NEW_TOKEN = None  # e.g. "<zwx>": a new token, its embedding learned with the LoRA (pivotal tuning); None = off
+NEW_TOKEN = None  # e.g. "<zwx>": a new token, its embedding learned with the LoRA (pivotal tuning); or None
 NUM_NEW_TOKEN_VECTORS = 2  # embedding vectors the token stands for (diffusers names them <zwx>, <zwx>_1, ...)
-NEW_TOKEN_INIT_WORD = None  # the vectors start as this word's embedding (a coarse descriptor: "dog"); None = "object"
-EMBEDDING_LEARNING_RATE = 5e-4  # AdamW step size for the new token's vectors (cloneofsimo/lora's example: 5e-4)
+NEW_TOKEN_INIT_WORD = None  # the vectors start as this word's (a coarse descriptor: "dog"); None = "object"
+EMBEDDING_LEARNING_RATE = 5e-4  # AdamW step size for the token's vectors (cloneofsimo/lora's example: 5e-4)
 
 OWN_KEYS = [k for k in list(globals()) if k.isupper() and k not in lce.CONFIG_KEYS]  # the settings just above
 CONFIG_KEYS = lce.CONFIG_KEYS + OWN_KEYS
@@ -84,22 +82,31 @@ def resolve_config(argv):
 # =============================================================================
 # 2. Data: the subject's pictures, and the class pictures
 # =============================================================================
+def collate_pairs(pairs):
+    """A batch of (subject, class) pairs -> one batch of 2N examples: the N subject examples, then their N
+    class examples (lce.collate: each example's seed stays a Python int)."""
+    return lce.collate([p[0] for p in pairs] + [p[1] for p in pairs])
+
+
 def subject_captions(cfg, captions):
     """DreamBooth (Ruiz et al. 2023, Sec. 3.2): every picture of the subject is "a [identifier] [class noun]",
-    INSTANCE_PROMPT, whatever its caption. With NEW_TOKEN the captions must name the token, or it won't train."""
+    INSTANCE_PROMPT, whatever its caption. With NEW_TOKEN the captions must name the token, or it won't
+    train."""
     if cfg.INSTANCE_PROMPT is not None:
         return [cfg.INSTANCE_PROMPT] * len(captions)
     if cfg.NEW_TOKEN is not None and not any(cfg.NEW_TOKEN in c for c in captions):
-        raise UserError(f"NEW_TOKEN {cfg.NEW_TOKEN!r} appears in no caption, so it would never be trained — write "
-                        f"it into the captions, or set --INSTANCE_PROMPT='a photo of {cfg.NEW_TOKEN} dog'")
+        raise UserError(f"NEW_TOKEN {cfg.NEW_TOKEN!r} appears in no caption, so it would never be trained "
+                        f"— write it into the captions, or set --INSTANCE_PROMPT='a photo of "
+                        f"{cfg.NEW_TOKEN} dog'")
     return captions
 
 
 def class_image_paths(cfg, accelerator, family, dtype):
     """Prior preservation (Ruiz et al. 2023, Sec. 3.3): NUM_CLASS_IMAGES pictures of CLASS_PROMPT drawn by
-    the frozen base model itself, once (image i from seed SEED + i); a rerun, or your own folder, reuses them."""
+    the frozen base model itself, once (image i from seed SEED + i); a rerun, or your own folder, reuses
+    them."""
     folder = cfg.CLASS_DATA_DIR or os.path.join(cfg.OUTPUT_DIR, "class_images")
-    make_pipeline = lambda: lce.load_pipeline(cfg, family, dtype).to(accelerator.device)  # noqa: E731 (if needed)
+    make_pipeline = lambda: lce.load_pipeline(cfg, family, dtype).to(accelerator.device)  # noqa: E731
     draw = lambda pipe, seed: lce.render(pipe, cfg, [cfg.CLASS_PROMPT], [seed])[0]  # noqa: E731
     with accelerator.main_process_first():  # drawn once, by the main process; the others then find them there
         return class_images(folder, cfg.NUM_CLASS_IMAGES, make_pipeline, draw, cfg.CLASS_PROMPT, cfg.SEED,
@@ -124,8 +131,8 @@ def add_new_token(tokenizer, text_encoder, cfg):
                         "pick a new string, e.g. '<zwx>'")
     ids = tokenizer.convert_tokens_to_ids(names)
     init_word = cfg.NEW_TOKEN_INIT_WORD or "object"
-    init_ids = tokenizer(init_word, add_special_tokens=False).input_ids  # one token, or several for a rare word
-    rows = max(len(tokenizer), text_encoder.get_input_embeddings().num_embeddings)  # never shrink a padded table
+    init_ids = tokenizer(init_word, add_special_tokens=False).input_ids  # one token, or several (a rare word)
+    rows = max(len(tokenizer), text_encoder.get_input_embeddings().num_embeddings)  # (a padded table: kept)
     text_encoder.resize_token_embeddings(rows, mean_resizing=False)  # a new, larger table: frozen again below
     table = text_encoder.get_input_embeddings().weight  # (vocab + n, d)
     table.requires_grad_(False)
@@ -241,7 +248,7 @@ def main(argv):
     if cfg.CACHE_LATENTS:
         if cfg.NEW_TOKEN:
             print0(f"note: only latents are cached: a prompt holding {cfg.NEW_TOKEN!r} has no fixed text "
-                   "embedding to cache (its vectors change every step), so the text encoder runs at every step")
+                   "embedding to cache (its vectors change every step): the text encoder runs at every step")
         dataset = lce.cache_latents(dataset, sd, cfg, show_progress=accelerator.is_local_main_process)
         if class_paths:
             class_dataset = lce.cache_latents(class_dataset, sd, cfg,
@@ -266,7 +273,8 @@ def main(argv):
     run = lce.prepare_run(cfg, accelerator, sd, dataset, groups, command, run_class=DreamBoothRun,
                           collate_fn=collate_pairs if class_paths else lce.collate)
     if class_paths:
-        lce.describe_run(run, f"{len(images)} subject + {len(class_paths)} class images ({cfg.BATCH_SIZE} of each a batch)")
+        lce.describe_run(run, f"{len(images)} subject + {len(class_paths)} class images "
+                              f"({cfg.BATCH_SIZE} of each a batch)")
     else:
         lce.describe_run(run, f"{len(images)} images")
     start_step, resume_rng = 0, None
@@ -304,7 +312,7 @@ def main(argv):
             folder = os.path.join(cfg.OUTPUT_DIR, "merged_pipeline")
             lce.merge_and_save(load_pipeline_with_lora(cfg, family, cfg.OUTPUT_DIR, torch.float32), folder,
                                lce.SAVE_DTYPES[cfg.SAVE_DTYPE])
-            print0(f"merged pipeline (LoRA fused into the weights, {cfg.SAVE_DTYPE}; with the token): {folder}")
+            print0(f"merged pipeline (LoRA fused, {cfg.SAVE_DTYPE}; with the token): {folder}")
         print0(f"whole run: {lce.peak_memory_text(accelerator, 'rendering')}")
     accelerator.end_training()
 

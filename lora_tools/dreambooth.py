@@ -66,13 +66,6 @@ class PairedImages(torch.utils.data.Dataset):
                 dict(klass, loss_weight=torch.tensor(2.0 * self.prior_loss_weight)))
 
 
-def collate_pairs(pairs):
-    """A batch of pairs -> one batch of 2N examples: the N subject examples first, then their N class examples."""
-    from lora_complete_example import collate
-
-    return collate([p[0] for p in pairs] + [p[1] for p in pairs])
-
-
 def token_names(token, n):
     """The tokenizer entries of an n-vector embedding, as diffusers names them: <t>, <t>_1, ... <t>_{n-1}."""
     return [token] + [f"{token}_{i}" for i in range(1, n)]

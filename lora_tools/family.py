@@ -25,7 +25,7 @@ class Family:
 
     name: str  # for people: "SD 1.x/2.x"
     pipeline: str  # the diffusers pipeline class that loads, samples and reads LoRA files
-    text_parts: tuple  # ((tokenizer folder, text encoder folder), ...), in the order the UNet concatenates them
+    text_parts: tuple  # ((tokenizer folder, text encoder folder), ...), in the order the UNet joins them
     pipeline_kwargs: tuple = ()  # (name, value) pairs from_pretrained needs for this pipeline class
     webui: tuple = ()  # (component, kohya prefix) pairs of the WebUI/ComfyUI file
     webui_metadata: tuple = ()  # (key, value) pairs that tell WebUI/ComfyUI the base model's family
@@ -35,7 +35,7 @@ SD1 = Family(
     name="SD 1.x/2.x",
     pipeline="StableDiffusionPipeline",
     text_parts=(("tokenizer", "text_encoder"),),
-    pipeline_kwargs=(("safety_checker", None), ("requires_safety_checker", False)),  # no NSFW filter: a trainer's tool
+    pipeline_kwargs=(("safety_checker", None), ("requires_safety_checker", False)),  # no NSFW filter
     webui=(("unet", "lora_unet"), ("text_encoder", "lora_te")),
     webui_metadata=(("ss_base_model_version", "sd_v1"), ("ss_v2", "False"),
                     ("modelspec.architecture", "stable-diffusion-v1/lora")),
@@ -65,8 +65,8 @@ def detect(model_id, revision=None):
     name = index.get("_class_name", "")
     if name not in FAMILIES:
         known = ", ".join(f"{f.pipeline} ({f.name})" for f in FAMILIES.values())
-        raise UserError(f"MODEL_ID={model_id!r} is a {name or 'pipeline of no known class'}, which this script "
-                        f"cannot train — it trains {known}; pick such a model")
+        raise UserError(f"MODEL_ID={model_id!r} is a {name or 'pipeline of no known class'}, which this "
+                        f"script cannot train — it trains {known}; pick such a model")
     return FAMILIES[name]
 
 

@@ -17,7 +17,7 @@ from conftest import collate_items, lce, lora_weights, maxdiff, pixel_diff, png,
 
 import lora_dreambooth_example as ldb
 from lora_tools.config import UserError
-from lora_tools.dreambooth import PairedImages, collate_pairs, expand_token
+from lora_tools.dreambooth import PairedImages, expand_token
 
 TOKEN, N_VECTORS = "<zwx>", 2
 INSTANCE, CLASS = f"a {TOKEN} circle", "a circle"
@@ -57,7 +57,7 @@ def test_prior_loss_is_subject_mean_plus_lambda_class_mean(tiny_args, load_tiny)
     sd = load_tiny(make_db_cfg(tiny_args))
     lam = 0.7
     pairs = PairedImages(Examples(3, 0), Examples(5, 1), lam)
-    batch = collate_pairs([pairs[(i, False, 10 * i)] for i in range(3)])  # 3 subject, then 3 class examples
+    batch = ldb.collate_pairs([pairs[(i, False, 10 * i)] for i in range(3)])  # 3 subject, then 3 class examples
     with torch.no_grad():
         losses = lce.compute_loss(batch, sd)
     assert len(batch["seed"]) == 6 and len(set(batch["seed"])) == 6  # the class example draws its own noise

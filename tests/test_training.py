@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import lora_complete_example as lce
 from conftest import (WEBUI_NAME, assert_close, capture_library_messages, collate_items, fresh_pipe, key_complaints,
-                      lora_layer_names, lora_weights, maxdiff, outputs, pipe_outputs, read_safetensors, run_main, tol)
+                      lora_weights, maxdiff, pipe_outputs, read_safetensors, run_main, tol)
 from lora_tools.checkpoint import load_checkpoint
 
 RANK, ALPHA, STEPS, MAX_GRAD_NORM = 4, 8, 40, 0.01

@@ -48,6 +48,34 @@ def test_training_config_metadata_is_the_resolved_config(feature_run):
         assert json.load(f) == config
 
 
+# The key sets of the two files of an SD1.x run with UNet + text-encoder LoRA on the tiny model, written
+# by the script before the one-story redesign (commit 2b46bfa) and after it: the same keys, the same
+# lora_adapter_metadata (sha256 of the sorted key names, newline-joined).
+PINNED_KEYS = {lce.WEIGHTS_NAME: (176, "5c9c08e6e5c03cfc"), WEBUI_NAME: (264, "2774005d86c56b8e")}
+
+
+@pytest.mark.parametrize("name", [lce.WEIGHTS_NAME, WEBUI_NAME])
+def test_file_keys_are_pinned(feature_run, name):
+    import hashlib
+
+    keys = sorted(read_safetensors(os.path.join(feature_run.out, name))[0])
+    assert (len(keys), hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]) == PINNED_KEYS[name]
+
+
+def test_adapter_metadata_is_what_diffusers_needs_to_rebuild_each_adapter(feature_run):
+    _, meta = read_safetensors(os.path.join(feature_run.out, lce.WEIGHTS_NAME))
+    assert set(meta) == {"format", "lora_adapter_metadata", "training_config"} and meta["format"] == "pt"
+    adapter = json.loads(meta["lora_adapter_metadata"])
+    assert meta["lora_adapter_metadata"] == json.dumps(adapter, sort_keys=True)  # one line, keys sorted
+    for part, targets in (("unet", lce.TARGET_MODULES), ("text_encoder", lce.TEXT_ENCODER_TARGET_MODULES)):
+        assert {k: adapter[f"{part}.{k}"] for k in ("r", "lora_alpha", "lora_dropout", "init_lora_weights", "use_dora",
+                                                      "use_rslora", "peft_type")} == dict(
+            r=R["RANK"], lora_alpha=R["ALPHA"], lora_dropout=0.0, init_lora_weights="gaussian", use_dora=False,
+            use_rslora=False, peft_type="LORA")
+        assert adapter[f"{part}.target_modules"] == sorted(targets)
+    assert {k.split(".", 1)[0] for k in adapter} == {"unet", "text_encoder"}
+
+
 def test_webui_file_ss_metadata_matches_the_run(feature_run, tiny_model_dir, tiny_data_dir):
     import diffusers
     import peft
