@@ -57,6 +57,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch.nn.functional import mse_loss
 from torchvision import transforms
+from torchvision.transforms import functional as tvf
 from tqdm.auto import tqdm
 
 from lora_tools import checkpoint as ckpt
@@ -65,7 +66,7 @@ from lora_tools.checks import (check_config, check_demo_base, check_environment,
 from lora_tools.config import Config, UserError, parse_overrides
 from lora_tools.data import (CAPTION_COLUMN_GUESSES, IMAGE_COLUMN_GUESSES, HubImages, open_image, pick_column,
                              read_folder, to_rgb)
-from lora_tools.family import Family, detect, encode_prompt, unet_conditioning
+from lora_tools.family import Family, detect, encode_prompt, native_resolution, unet_conditioning
 from lora_tools.files import atomic_path, atomic_write_text
 from lora_tools.kohya import kohya_metadata, save_kohya_file
 from lora_tools.machine import keep_host_memory
@@ -85,7 +86,7 @@ DATA_DIR = None  # local folder (metadata.jsonl/.csv, or images + same-name .txt
 IMAGE_COLUMN = None  # column holding the images; None = guess ("image", ...)
 CAPTION_COLUMN = None  # column holding the captions; None = guess ("text", "caption", ...)
 MAX_TRAIN_SAMPLES = None  # use only the first N images (quick experiments); None = all
-RESOLUTION = 512  # training size in pixels, a multiple of 8 (512 is SD1.5's native size)
+RESOLUTION = None  # training size in pixels, a multiple of 8; None = the model's own (SD1.5 512, SDXL 1024)
 CENTER_CROP = True  # True = center crop after resizing; False = random crop (needs CACHE_LATENTS=False)
 RANDOM_FLIP = True  # random horizontal flips (a cheap 2x augmentation)
 CACHE_LATENTS = True  # encode every image and caption once, before training (the encoders are frozen)
@@ -115,7 +116,7 @@ MAX_GRAD_NORM = 1.0  # clip the LoRA gradients' global L2 norm to this; None = n
 ADAM_WEIGHT_DECAY = 1e-2  # AdamW decoupled weight decay
 MIXED_PRECISION = "auto"  # auto | no | fp16 | bf16; auto = bf16 where the GPU has it, else fp16; CPU: fp32
 ALLOW_TF32 = True  # TF32 tensor cores for fp32 matmuls on Ampere+ GPUs (faster; a 10-bit mantissa, not 23)
-VAE_FP32 = False  # keep the VAE in fp32 under fp16 (SD's VAE can overflow to NaN in fp16), also for rendering
+VAE_FP32 = False  # the VAE in fp32 under bf16 too (under fp16 it is, where its config says force_upcast)
 GRADIENT_CHECKPOINTING = False  # recompute UNet activations in backward: less memory, more compute
 USE_8BIT_ADAM = False  # bitsandbytes 8-bit AdamW: saves 3/4 of a LoRA's few-MB optimizer state (GPU only)
 COMPILE = False  # torch.compile the UNet (slow first step, faster after)
@@ -207,8 +208,8 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def start(cfg):
     """Everything the run needs before its first slow step: the Accelerator (one per process under
-    `accelerate launch`), the dtype of the frozen weights, the model's family, the demo's data, and
-    every check. Returns (accelerator, weight dtype, family)."""
+    `accelerate launch`), the dtype of the frozen weights, the model's family and size, the demo's
+    data, and every check. Returns (cfg with RESOLUTION known, accelerator, weight dtype, family)."""
     check_environment(cfg)
     for library in (diffusers, transformers):  # our progress bars are the ones worth watching
         library.utils.logging.disable_progress_bar()
@@ -234,13 +235,19 @@ def start(cfg):
     check_paths(cfg)
     try:
         family = detect(cfg.MODEL_ID, cfg.REVISION)  # from its model_index.json
+        native = native_resolution(cfg.MODEL_ID, cfg.REVISION)  # from its UNet's and VAE's config.json
     except OSError as e:  # huggingface_hub's not-found / offline / connection errors are OSErrors
         raise UserError(explain_load_error("MODEL_ID", cfg.MODEL_ID, e)) from None
+    if cfg.RESOLUTION is None:  # the config records the size the run trained at
+        cfg = cfg.replace(RESOLUTION=native)
+    elif cfg.RESOLUTION < 0.75 * native:
+        print0(f"note: RESOLUTION={cfg.RESOLUTION} is well below the {native} px this model was trained at: "
+               "its pictures at this size are worse, and so is what the LoRA learns from them")
     if accelerator.is_main_process:
         check_output_dir(cfg.OUTPUT_DIR)
-    print0(f"model: {family.name} ({family.pipeline}) | mixed precision: {mixed_precision} "
-           f"(frozen weights in {DTYPES[mixed_precision]}, LoRA weights in fp32)")
-    return accelerator, DTYPES[mixed_precision], family
+    print0(f"model: {family.name} ({family.pipeline}), {cfg.RESOLUTION} px | mixed precision: "
+           f"{mixed_precision} (frozen weights in {DTYPES[mixed_precision]}, LoRA weights in fp32)")
+    return cfg, accelerator, DTYPES[mixed_precision], family
 
 
 def peak_memory_text(accelerator, phase):
@@ -328,10 +335,19 @@ class StableDiffusion:
     vae_scale: int  # pixels per latent, per side (SD1.x: 8, so 512 px -> 64 x 64 latents)
 
 
+def vae_dtype(cfg, dtype):
+    """The VAE's dtype: fp32 with VAE_FP32, and under fp16 when its config asks (force_upcast: SDXL's VAE
+    overflows to NaN in fp16, and diffusers' pipelines upcast it too); else the frozen weights' dtype."""
+    if cfg.VAE_FP32 or dtype == torch.float16 and AutoencoderKL.load_config(
+            cfg.MODEL_ID, subfolder="vae", revision=cfg.REVISION).get("force_upcast", True):
+        return torch.float32
+    return dtype
+
+
 def load_pipeline(cfg, family, dtype, **parts):
     """DiffusionPipeline.from_pretrained(MODEL_ID): the pipeline class its model_index.json names, in
-    `dtype`; parts: components to use instead of MODEL_ID's. With VAE_FP32 the VAE is read in fp32."""
-    dtypes = {"default": dtype, "vae": torch.float32 if cfg.VAE_FP32 else dtype}
+    `dtype`, the VAE in vae_dtype; parts: components to use instead of MODEL_ID's."""
+    dtypes = {"default": dtype, "vae": vae_dtype(cfg, dtype)}
     try:
         pipe = DiffusionPipeline.from_pretrained(cfg.MODEL_ID, revision=cfg.REVISION, dtype=dtypes,
                                                  **dict(family.pipeline_kwargs), **parts)
@@ -473,18 +489,14 @@ def tokenize(tokenizers, captions):
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Item (i, flip, seed): pixels in [-1, 1] (3, R, R), mirrored if flip, token ids (n_encoders, 77),
-    the example's random seed for this epoch, and its weight in the loss (1)."""
+    """Item (i, flip, seed): pixels in [-1, 1] (3, R, R), mirrored if flip; token ids (n_encoders, 77); the
+    picture's size and crop, (6,): original height, width, crop top, left (in the resized picture), target
+    height, width (SDXL's micro-conditioning; SD 1.x ignores it); the example's random seed for this epoch;
+    its weight in the loss (1)."""
 
     def __init__(self, images, input_ids, cfg):
         self.images, self.input_ids = images, input_ids
-        R = cfg.RESOLUTION
-        self.transform = transforms.Compose([
-            transforms.Resize(R, interpolation=transforms.InterpolationMode.BILINEAR),  # the short side -> R
-            transforms.CenterCrop(R) if cfg.CENTER_CROP else transforms.RandomCrop(R),
-            transforms.ToTensor(),  # (3, R, R) in [0, 1]
-            transforms.Normalize([0.5], [0.5]),  # -> [-1, 1], the range the VAE was trained on
-        ])
+        self.size, self.center_crop = cfg.RESOLUTION, cfg.CENTER_CROP
 
     def __len__(self):
         return len(self.input_ids)
@@ -492,18 +504,29 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i, flip, seed = item if isinstance(item, tuple) else (item, False, 0)
         img = self.images[i]
-        pixels = self.transform(open_image(img) if isinstance(img, str) else to_rgb(img))
-        return {"pixel_values": pixels.flip(-1) if flip else pixels, "input_ids": self.input_ids[i],
-                "seed": seed, "loss_weight": torch.tensor(1.0)}
+        img = open_image(img) if isinstance(img, str) else to_rgb(img)
+        R, (w, h) = self.size, img.size
+        img = tvf.resize(img, R, interpolation=tvf.InterpolationMode.BILINEAR)  # the short side -> R
+        if self.center_crop:  # (torchvision's CenterCrop rounding)
+            top, left = round((img.height - R) / 2), round((img.width - R) / 2)
+        else:
+            top, left, _, _ = transforms.RandomCrop.get_params(img, (R, R))
+        pixels = tvf.to_tensor(tvf.crop(img, top, left, R, R))  # (3, R, R) in [0, 1]
+        pixels = tvf.normalize(pixels, [0.5], [0.5])  # -> [-1, 1], the range the VAE was trained on
+        if flip:  # the mirror image, and where its crop sits in the mirrored picture
+            pixels, left = pixels.flip(-1), img.width - left - R
+        return {"pixel_values": pixels, "input_ids": self.input_ids[i], "seed": seed,
+                "time_ids": torch.tensor([h, w, top, left, R, R], dtype=torch.float32),
+                "loss_weight": torch.tensor(1.0)}
 
 
 class CachedLatents(torch.utils.data.Dataset):
     """Item (i, flip, seed): the VAE posterior (mean, std) of image i (4, R/8, R/8), of its mirror
-    image if flip, and its caption's text conditioning (or its token ids, when a text encoder trains).
-    z0 is still sampled from the posterior at every step (compute_loss)."""
+    image if flip, with that view's size and crop, and its caption's text conditioning (or its token
+    ids, when a text encoder trains). z0 is still sampled from the posterior at every step (compute_loss)."""
 
-    def __init__(self, mean, std, text, input_ids):
-        self.mean, self.std = mean, std  # (N, 1 or 2 views, 4, h, w)
+    def __init__(self, mean, std, time_ids, text, input_ids):
+        self.mean, self.std, self.time_ids = mean, std, time_ids  # (N, 1 or 2 views, ...)
         self.text, self.input_ids = text, input_ids  # text: {name: (N, ...)} or None
 
     def __len__(self):
@@ -514,7 +537,7 @@ class CachedLatents(torch.utils.data.Dataset):
         text = {k: v[i] for k, v in self.text.items()} if self.text else {"input_ids": self.input_ids[i]}
         view = int(flip)  # view 1 = the mirrored image
         return {"latent_mean": self.mean[i, view], "latent_std": self.std[i, view], **text, "seed": seed,
-                "loss_weight": torch.tensor(1.0)}
+                "time_ids": self.time_ids[i, view], "loss_weight": torch.tensor(1.0)}
 
 
 @torch.no_grad()
@@ -543,22 +566,31 @@ def collate(items):
 
 @torch.no_grad()
 def cache_latents(dataset, sd, cfg, show_progress=True):
-    """Run the frozen encoders once over the data (both orientations when RANDOM_FLIP)."""
+    """Run the frozen encoders once over the data: each picture, and its mirror image when RANDOM_FLIP."""
     workers = min(4, max(0, (os.cpu_count() or 1) - 1))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, num_workers=workers,
-                                         collate_fn=collate)
-    means, stds, texts = [], [], []
-    for batch in tqdm(loader, desc="caching latents", disable=not show_progress):
-        px = batch["pixel_values"]
-        moments = [encode_images(sd.vae, v) for v in ([px, px.flip(-1)] if cfg.RANDOM_FLIP else [px])]
-        means.append(torch.stack([m for m, _ in moments], 1).cpu())  # (B, views, 4, h, w)
-        stds.append(torch.stack([s for _, s in moments], 1).cpu())
-        if not text_encoder_trains(sd):  # a trained text encoder changes its output every step: no cache
-            text = encode_prompt(sd.family, sd.text_encoders, batch["input_ids"])
-            texts.append({k: v.cpu() for k, v in text.items()})
+    views = []  # per view: posterior means, stds, size-and-crop ids
+    texts = []
+    for flip in [False, True] if cfg.RANDOM_FLIP else [False]:
+        picks = [(i, flip, 0) for i in range(len(dataset))]  # (index, flip, seed): every picture, in order
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=picks,
+                                             num_workers=workers, collate_fn=collate)
+        means, stds, ids = [], [], []
+        for batch in tqdm(loader, desc="caching latents" + " (mirrored)" * flip, disable=not show_progress):
+            mean, std = encode_images(sd.vae, batch["pixel_values"])
+            if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+                raise UserError(f"the VAE ({sd.vae.dtype}) turned pictures into NaN/inf latents — SDXL's "
+                                "VAE overflows in fp16: use --MIXED_PRECISION=bf16 or --VAE_FP32=True")
+            means.append(mean.cpu())
+            stds.append(std.cpu())
+            ids.append(batch["time_ids"])
+            if not flip and not text_encoder_trains(sd):  # a trained text encoder changes each step: no cache
+                text = encode_prompt(sd.family, sd.text_encoders, batch["input_ids"])
+                texts.append({k: v.cpu() for k, v in text.items()})
+        views.append((torch.cat(means), torch.cat(stds), torch.cat(ids)))
+    mean, std, time_ids = (torch.stack(parts, 1) for parts in zip(*views))  # (N, views, ...)
     text = {k: torch.cat([t[k] for t in texts]) for k in texts[0]} if texts else None  # e.g. (N, 77, d)
     # not pinned: the DataLoader collates a new tensor per batch and pins that one (pin_memory=True)
-    return CachedLatents(torch.cat(means), torch.cat(stds), text, dataset.input_ids)
+    return CachedLatents(mean, std, time_ids, text, dataset.input_ids)
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -1008,23 +1040,31 @@ def save_lora(path, models, cfg, dtype=None):
 
 
 def fixed_unet_input(unet, vae_scale, resolution, device, seed=1234):
+    """One fixed (z_t, t, conditioning) for the UNet, random but seeded, shaped as the UNet's config
+    wants: SDXL's also takes a pooled embedding and the six size/crop ids."""
     g = torch.Generator().manual_seed(seed)
     h = resolution // vae_scale
     z = torch.randn(1, unet.config.in_channels, h, h, generator=g)
-    c = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
-    return z.to(device), torch.tensor([500], device=device), c.to(device)  # fp32: autocast casts them
+    cond = {"encoder_hidden_states": torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=g).to(device),
+                                     "time_ids": time_ids.to(device)}
+    cond["encoder_hidden_states"] = cond["encoder_hidden_states"].to(device)
+    return z.to(device), torch.tensor([500], device=device), cond  # fp32: autocast casts them
 
 
 @torch.no_grad()
 def check_saved_lora(unet, path, cfg, vae_scale, autocast):
     """Reload the file the way diffusers does (load_lora_adapter reads the alpha metadata) into the
     same frozen base, and compare with the trained adapter on one fixed input."""
-    z, t, c = fixed_unet_input(unet, vae_scale, cfg.RESOLUTION, unet.device)
+    z, t, cond = fixed_unet_input(unet, vae_scale, cfg.RESOLUTION, unet.device)
     unet.eval()  # no LoRA dropout in the comparison
     with autocast():
-        y_trained = unet(z, t, c, return_dict=False)[0].float()
+        y_trained = unet(z, t, **cond, return_dict=False)[0].float()
         unet.disable_adapters()
-        y_base = unet(z, t, c, return_dict=False)[0].float()
+        y_base = unet(z, t, **cond, return_dict=False)[0].float()
         unet.enable_adapters()
         # folder + weight_name: diffusers reads the alpha metadata only on its safetensors path
         with warnings.catch_warnings():  # PEFT warns that this adds a second adapter: here that is the point
@@ -1033,7 +1073,7 @@ def check_saved_lora(unet, path, cfg, vae_scale, autocast):
                                    adapter_name="reloaded")
         unet.set_adapter("reloaded")
         unet.eval()  # the new adapter's dropout modules were created in training mode
-        y_reloaded = unet(z, t, c, return_dict=False)[0].float()
+        y_reloaded = unet(z, t, **cond, return_dict=False)[0].float()
     unet.set_adapter("default")
     unet.delete_adapters("reloaded")
     diff = (y_reloaded - y_trained).abs().max().item()
@@ -1048,22 +1088,23 @@ def check_saved_lora(unet, path, cfg, vae_scale, autocast):
            f"(LoRA's own effect {effect:.2e})")
 
 
-def save_webui_file(cfg, models, steps, num_images, t_start):
-    """OUTPUT_DIR/<OUTPUT_NAME>.safetensors with kohya-style keys (lora_unet_..., lora_te_...,
-    .lora_down/.lora_up/.alpha): the format Stable Diffusion WebUI and ComfyUI read."""
+def save_webui_file(cfg, family, models, steps, num_images, t_start):
+    """OUTPUT_DIR/<OUTPUT_NAME>.safetensors with kohya-style keys (lora_unet_..., lora_te_... or SDXL's
+    lora_te1_/lora_te2_, .lora_down/.lora_up/.alpha): the format Stable Diffusion WebUI and ComfyUI read."""
     if cfg.USE_DORA:
         print0("note: USE_DORA=True — no WebUI/ComfyUI file written (their DoRA key conventions differ); "
                "use the diffusers file")
         return None
-    unet_sd = get_peft_model_state_dict(models["unet"])
-    te_sd = {k: v for k, v in get_peft_model_state_dict(models["text_encoder"]).items() if "lora_" in k} \
-        if "text_encoder" in models else {}
+    state_dicts = {name: {k: v for k, v in get_peft_model_state_dict(m).items() if "lora_" in k}
+                   for name, m in models.items()}
+    state_dicts = {name: sd for name, sd in state_dicts.items() if sd}  # (only embedding rows trained there)
     info = dict(cfg.as_dict(), steps=steps, num_images=num_images, started_at=t_start,
                 finished_at=time.time())
     path = os.path.join(cfg.OUTPUT_DIR, f"{cfg.OUTPUT_NAME}.safetensors")
     # kohya files always mean an α/r scale; with rsLoRA (α/√r) the file carries α' = α·√r
-    save_kohya_file(path, unet_sd, te_sd, cfg.LORA_ALPHA, cfg.LORA_ALPHA, kohya_metadata(info),
-                    SAVE_DTYPES[cfg.SAVE_DTYPE], use_rslora=cfg.USE_RSLORA)
+    save_kohya_file(path, state_dicts, {name: cfg.LORA_ALPHA for name in state_dicts}, dict(family.webui),
+                    kohya_metadata(info, family.webui_metadata), SAVE_DTYPES[cfg.SAVE_DTYPE],
+                    use_rslora=cfg.USE_RSLORA)
     return path
 
 
@@ -1072,7 +1113,7 @@ def save_and_check(run, num_images, t_start):
     cfg, models = run.cfg, run.models()
     weights_path = os.path.join(cfg.OUTPUT_DIR, WEIGHTS_NAME)
     n = save_lora(weights_path, models, cfg)
-    kohya_path = save_webui_file(cfg, models, run.max_steps, num_images, t_start)
+    kohya_path = save_webui_file(cfg, run.sd.family, models, run.max_steps, num_images, t_start)
     atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "training_config.json"), cfg.to_json() + "\n")
     print0(f"saved {n:,} LoRA parameters to {weights_path} ({os.path.getsize(weights_path) / 1e6:.2f} MB, "
            f"{cfg.SAVE_DTYPE})" + (f" and {kohya_path} (WebUI/ComfyUI keys)" if kohya_path else ""))
@@ -1108,7 +1149,7 @@ def load_pipeline_with_lora(cfg, family, weights_dir, dtype, weight_name=WEIGHTS
 
 def reproduce_recipe(cfg, family, dtype, device, extra_lines=()):
     """The plain-diffusers lines that render test_generation.png again: same dtype, device and seed."""
-    fp32_vae = cfg.VAE_FP32 and dtype != torch.float32
+    fp32_vae = vae_dtype(cfg, dtype) != dtype  # the VAE in fp32 under a half-precision UNet
     cls = family.pipeline
     kwargs = "".join(f", {k}={v!r}" for k, v in family.pipeline_kwargs if k == "safety_checker")
     vae = ""
@@ -1136,7 +1177,9 @@ def merge_and_save(pipe, folder, dtype):
     LoRA in fp32 (in bf16 an update smaller than 1/256 of a weight would round away); saved in `dtype`."""
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; only the adapter modules go
-    pipe.to(dtype)
+    for part in pipe.components.values():  # (nn.Module.to: diffusers' own .to warns about an empty list)
+        if isinstance(part, torch.nn.Module):
+            torch.nn.Module.to(part, dtype)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(folder)), prefix=".merged-")
     try:
         pipe.save_pretrained(tmp)
@@ -1168,8 +1211,7 @@ def generate(cfg, pipe, prompts, recipe, notes=None):
 # =============================================================================
 def main(argv):
     # --- 1. configuration, checked before anything slow -----------------------------
-    cfg = resolve_config(argv)
-    accelerator, weight_dtype, family = start(cfg)
+    cfg, accelerator, weight_dtype, family = start(resolve_config(argv))
     resume_path = ckpt.resolve_resume(cfg.RESUME_FROM, cfg.OUTPUT_DIR)
     if cfg.RESUME_FROM == "latest" and resume_path is None:
         print0(f"RESUME_FROM=latest: no checkpoint in {cfg.OUTPUT_DIR} yet, starting a new run")

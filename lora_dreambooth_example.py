@@ -31,6 +31,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from diffusers.training_utils import cast_training_params, free_memory
 from peft import TrainableTokensConfig, inject_adapter_in_model
+from safetensors.torch import load_file
 
 import lora_complete_example as lce
 from lora_complete_example import print0
@@ -124,7 +125,8 @@ def class_image_paths(cfg, accelerator, family, dtype):
 def add_new_token(tokenizer, text_encoder, cfg):
     """NEW_TOKEN -> n new tokenizer entries <t>, <t>_1, ... (diffusers' names), their embedding rows set
     to NEW_TOKEN_INIT_WORD's embedding. Unless TRAIN_TEXT_ENCODER (then add_lora makes them trainable
-    with its LoRA), PEFT's trainable tokens are put on those rows now. Returns their token ids."""
+    with its LoRA), PEFT's trainable tokens are put on those rows now. Returns their token ids.
+    (SDXL: once for each of its two tokenizers and embedding tables.)"""
     names = token_names(cfg.NEW_TOKEN, cfg.NUM_NEW_TOKEN_VECTORS)
     if tokenizer.add_tokens(names) != len(names):
         raise UserError(f"NEW_TOKEN {cfg.NEW_TOKEN!r} (or one of {names}) is already in the tokenizer — "
@@ -165,14 +167,23 @@ def embedding_name(cfg):
     return f"{cfg.OUTPUT_NAME}_emb.safetensors"
 
 
+def embedding_tensors(family, text_encoders):
+    """The embedding file's tensors: {"emb_params": (n, d)} for SD 1.x, {"clip_l": ..., "clip_g": ...} for
+    SDXL (each text encoder's rows)."""
+    return {name: new_token_vectors(te) for name, te in zip(family.embedding_names, text_encoders)}
+
+
 class DreamBoothRun(lce.Run):
     """A run whose usable files (at every checkpoint) include the new token's embedding."""
 
     def adapter_files(self, dtype=torch.float32):
         files = super().adapter_files(dtype)
-        if self.cfg.NEW_TOKEN:  # {"emb_params": (n, d)}: what load_textual_inversion and WebUI/ComfyUI read
-            vectors = new_token_vectors(self.models()["text_encoder"]).detach().to("cpu", dtype).contiguous()
-            files[embedding_name(self.cfg)] = ({"emb_params": vectors}, {"format": "pt"})
+        if self.cfg.NEW_TOKEN:  # what load_textual_inversion and WebUI/ComfyUI read
+            models = self.models()
+            text_encoders = [models[te] for _, te in self.sd.family.text_parts]
+            tensors = {k: v.detach().to("cpu", dtype).contiguous()
+                       for k, v in embedding_tensors(self.sd.family, text_encoders).items()}
+            files[embedding_name(self.cfg)] = (tensors, {"format": "pt"})
         return files
 
 
@@ -180,25 +191,39 @@ class DreamBoothRun(lce.Run):
 # 8. Load base + LoRA (+ the token) as any user would
 # =============================================================================
 def load_pipeline_with_lora(cfg, family, weights_dir, dtype):
-    """lce.load_pipeline_with_lora + load_textual_inversion with NEW_TOKEN: plain diffusers, none of ours."""
+    """lce.load_pipeline_with_lora + load_textual_inversion with NEW_TOKEN (SDXL: once per text encoder):
+    plain diffusers, none of ours."""
     pipe = lce.load_pipeline_with_lora(cfg, family, weights_dir, dtype)
     if cfg.NEW_TOKEN:  # adds <t>, <t>_1, ... to the tokenizer; pipe(prompt) then expands <t> into all of them
         # transformers announces how it fills the new rows, which diffusers then overwrites: drop that line
         no_resize_notice = lambda record: "mean_resizing" not in record.getMessage()  # noqa: E731
         logger = logging.getLogger("transformers.modeling_utils")
         logger.addFilter(no_resize_notice)
+        path = os.path.join(weights_dir, embedding_name(cfg))
         try:
-            pipe.load_textual_inversion(os.path.join(weights_dir, embedding_name(cfg)), token=cfg.NEW_TOKEN)
+            if len(family.text_parts) == 1:
+                pipe.load_textual_inversion(path, token=cfg.NEW_TOKEN)
+            else:  # one tensor per text encoder, each into its own tokenizer and table
+                tensors = load_file(path)
+                for name, (tok, te) in zip(family.embedding_names, family.text_parts):
+                    pipe.load_textual_inversion(tensors[name], token=cfg.NEW_TOKEN,
+                                                tokenizer=getattr(pipe, tok), text_encoder=getattr(pipe, te))
         finally:
             logger.removeFilter(no_resize_notice)
     return pipe
 
 
-def recipe_lines(cfg):
+def recipe_lines(cfg, family):
     if not cfg.NEW_TOKEN:
         return []
     path = os.path.join(cfg.OUTPUT_DIR, embedding_name(cfg))
-    return [f"pipe.load_textual_inversion({path!r}, token={cfg.NEW_TOKEN!r})"]
+    if len(family.text_parts) == 1:
+        return [f"pipe.load_textual_inversion({path!r}, token={cfg.NEW_TOKEN!r})"]
+    lines = [f"from safetensors.torch import load_file; emb = load_file({path!r})"]
+    for name, (tok, te) in zip(family.embedding_names, family.text_parts):
+        lines.append(f"pipe.load_textual_inversion(emb[{name!r}], token={cfg.NEW_TOKEN!r}, "
+                     f"tokenizer=pipe.{tok}, text_encoder=pipe.{te})")
+    return lines
 
 
 # =============================================================================
@@ -206,8 +231,7 @@ def recipe_lines(cfg):
 # =============================================================================
 def main(argv):
     # --- 1. configuration, checked before anything slow -----------------------------
-    cfg = resolve_config(argv)
-    accelerator, weight_dtype, family = lce.start(cfg)
+    cfg, accelerator, weight_dtype, family = lce.start(resolve_config(argv))
     resume_path = ckpt.resolve_resume(cfg.RESUME_FROM, cfg.OUTPUT_DIR)
     if cfg.RESUME_FROM == "latest" and resume_path is None:
         print0(f"RESUME_FROM=latest: no checkpoint in {cfg.OUTPUT_DIR} yet, starting a new run")
@@ -231,11 +255,12 @@ def main(argv):
 
     # --- 4. add LoRA, and the new token (pivotal tuning) --------------------------------
     trainable = lce.add_lora(sd.unet, cfg, cfg.TARGET_MODULES)
-    token_ids = add_new_token(sd.tokenizers[0], sd.text_encoders[0], cfg) if cfg.NEW_TOKEN else None
-    if cfg.TRAIN_TEXT_ENCODER:  # the text encoder's LoRA also trains the token's rows
-        rows = {"trainable_token_indices": {"token_embedding": token_ids}} if token_ids else {}
-        trainable += lce.add_lora(sd.text_encoders[0], cfg, cfg.TEXT_ENCODER_TARGET_MODULES,
-                                  "TEXT_ENCODER_TARGET_MODULES", **rows)
+    for tok, te in zip(sd.tokenizers, sd.text_encoders):  # (SDXL: the token in both embedding tables)
+        token_ids = add_new_token(tok, te, cfg) if cfg.NEW_TOKEN else None
+        if cfg.TRAIN_TEXT_ENCODER:  # the text encoder's LoRA also trains the token's rows
+            rows = {"trainable_token_indices": {"token_embedding": token_ids}} if token_ids else {}
+            trainable += lce.add_lora(te, cfg, cfg.TEXT_ENCODER_TARGET_MODULES, "TEXT_ENCODER_TARGET_MODULES",
+                                      **rows)
     lce.describe_lora(cfg, trainable, base_params)
     if cfg.GRADIENT_CHECKPOINTING:
         sd.unet.enable_gradient_checkpointing()
@@ -267,8 +292,8 @@ def main(argv):
         models += [(te, cfg.TEXT_ENCODER_LEARNING_RATE or cfg.LEARNING_RATE) for te in sd.text_encoders]
     groups = lce.lora_param_groups(models, cfg)
     if cfg.NEW_TOKEN:  # no weight decay on the token: it would pull the vectors towards 0, not to any word
-        groups.append({"params": [new_token_vectors(sd.text_encoders[0])], "lr": cfg.EMBEDDING_LEARNING_RATE,
-                       "weight_decay": 0.0})
+        groups.append({"params": [new_token_vectors(te) for te in sd.text_encoders],
+                       "lr": cfg.EMBEDDING_LEARNING_RATE, "weight_decay": 0.0})
     command = (os.path.basename(__file__), *argv)
     run = lce.prepare_run(cfg, accelerator, sd, dataset, groups, command, run_class=DreamBoothRun,
                           collate_fn=collate_pairs if class_paths else lce.collate)
@@ -290,11 +315,13 @@ def main(argv):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         lce.save_and_check(run, len(images), t_start)
-        if cfg.NEW_TOKEN:  # textual-inversion file: {"emb_params": (n, d)}
+        if cfg.NEW_TOKEN:  # the textual-inversion file: {"emb_params": (n, d)}, SDXL {"clip_l", "clip_g"}
             emb_path = os.path.join(cfg.OUTPUT_DIR, embedding_name(cfg))
-            vectors = new_token_vectors(run.models()["text_encoder"])
-            save_embedding(emb_path, vectors, lce.SAVE_DTYPES[cfg.SAVE_DTYPE])
-            print0(f"saved the embedding of {cfg.NEW_TOKEN!r} ({len(vectors)} vectors) to {emb_path}")
+            models = run.models()
+            tensors = embedding_tensors(family, [models[te] for _, te in family.text_parts])
+            save_embedding(emb_path, tensors, lce.SAVE_DTYPES[cfg.SAVE_DTYPE])
+            print0(f"saved the embedding of {cfg.NEW_TOKEN!r} ({cfg.NUM_NEW_TOKEN_VECTORS} vectors a text "
+                   f"encoder) to {emb_path}")
 
     # --- 8. load base + LoRA (+ token) as a user would, and generate -------------------------
     del run, sd, dataset, models, trainable
@@ -305,7 +332,8 @@ def main(argv):
         # comparison.png: the subject's prompt and the class prompt too (does the class still look as it did?)
         subject = [p for p in (cfg.INSTANCE_PROMPT, cfg.CLASS_PROMPT) if p]
         prompts = list(dict.fromkeys(subject + list(cfg.VALIDATION_PROMPTS)))
-        recipe = lce.reproduce_recipe(cfg, family, weight_dtype, accelerator.device, recipe_lines(cfg))
+        lines = recipe_lines(cfg, family)
+        recipe = lce.reproduce_recipe(cfg, family, weight_dtype, accelerator.device, lines)
         lce.generate(cfg, pipe, prompts, recipe)
         del pipe
         if cfg.SAVE_MERGED_MODEL:

@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lora_complete_example as lce  # noqa: E402
+from lora_tools.family import SD1  # noqa: E402
 from lora_tools.kohya import kohya_metadata, save_kohya_file  # noqa: E402
 from lora_tools.sd15 import sd15_unet  # noqa: E402
 
@@ -40,7 +41,7 @@ def main():
             save_file(tensors, diffusers_file, metadata=lce.lora_metadata({"unet": unet}, cfg))
             webui_file = os.path.join(folder, f"r{rank}_{dtype}_webui.safetensors")
             info = dict(cfg.as_dict(), steps=1000, num_images=1000, started_at=0.0, finished_at=1.0)
-            save_kohya_file(webui_file, peft_sd, {}, rank, rank, kohya_metadata(info), dt)
+            save_kohya_file(webui_file, {"unet": peft_sd}, {"unet": rank}, dict(SD1.webui), kohya_metadata(info), dt)
             n = sum(v.numel() for v in tensors.values())
             print(f"{rank:4d} {dtype:>5} {n:10,d} {len(tensors):7d} {os.path.getsize(diffusers_file):13,d} B "
                   f"{os.path.getsize(webui_file):10,d} B")

@@ -39,9 +39,10 @@ def check_config(c):
     for name in ("MAX_TRAIN_STEPS", "MAX_TRAIN_SAMPLES", "CHECKPOINTING_STEPS", "CHECKPOINTS_TOTAL_LIMIT", "VALIDATION_STEPS"):
         number(name, 1, int, none_ok=True)
     number("DATALOADER_NUM_WORKERS", 0, int, none_ok=True)
-    number("RESOLUTION", 8, int)
-    need(c["RESOLUTION"] % 8 == 0,
-         f"RESOLUTION must be a positive multiple of 8 (the VAE downsamples by 8), got {c['RESOLUTION']} — try {max(64, round(c['RESOLUTION'] / 64) * 64)}")
+    number("RESOLUTION", 8, int, none_ok=True)
+    need(c["RESOLUTION"] is None or c["RESOLUTION"] % 8 == 0,
+         f"RESOLUTION must be a positive multiple of 8 (the VAE downsamples by 8), got {c['RESOLUTION']} — "
+         f"try {max(64, round((c['RESOLUTION'] or 512) / 64) * 64)}, or None for the model's own size")
     for name in ("LEARNING_RATE", "LORA_ALPHA"):
         number(name, 0, strict=True)
     for name in ("TEXT_ENCODER_LEARNING_RATE", "LORAPLUS_LR_RATIO", "SNR_GAMMA", "MAX_GRAD_NORM"):

@@ -89,6 +89,11 @@ class Config:
     def __setattr__(self, name, value):
         raise AttributeError(f"the config is frozen after parsing; cannot set {name}")
 
+    def replace(self, **values):
+        """A new frozen Config with these values changed (for what is known only once the model is: the
+        resolution a RESOLUTION of None stands for)."""
+        return Config({**self._values, **values})
+
     def as_dict(self):
         return json.loads(json.dumps(self._values))  # a deep, JSON-safe copy
 

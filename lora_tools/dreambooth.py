@@ -77,13 +77,15 @@ def expand_token(text, token, n):
     return text.replace(token, " ".join(token_names(token, n)))
 
 
-def save_embedding(path, vectors, dtype=torch.float32):
-    """The learned vectors (n, d) as one safetensors tensor named "emb_params": the file diffusers'
-    load_textual_inversion(path, token=...) reads, and that WebUI and ComfyUI read from their embeddings folder."""
+def save_embedding(path, tensors, dtype=torch.float32):
+    """The learned vectors, {name: (n, d)}, as a safetensors file: SD 1.x's one tensor "emb_params", the
+    file diffusers' load_textual_inversion(path, token=...) reads; SDXL's "clip_l" and "clip_g", one per
+    text encoder (diffusers' advanced SDXL script's format). WebUI and ComfyUI read both kinds from
+    their embeddings folder."""
     from safetensors.torch import save_file
 
-    vectors = vectors.detach().to("cpu", dtype).contiguous()
-    if not torch.isfinite(vectors).all():
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    if not all(torch.isfinite(v).all() for v in tensors.values()):
         raise ValueError(f"the learned embedding holds NaN/inf; {path} was not written")
     with atomic_path(path) as tmp:
-        save_file({"emb_params": vectors}, tmp, metadata={"format": "pt"})
+        save_file(tensors, tmp, metadata={"format": "pt"})

@@ -1,7 +1,8 @@
 """Export a trained LoRA as a kohya-ss ("sd-scripts") file, the format Stable Diffusion WebUI
-(A1111 / Forge), ComfyUI and most other SD1.x tools load, beside the diffusers file.
+(A1111 / Forge), ComfyUI and most other tools load, beside the diffusers file.
 
-Per adapted layer, as kohya-ss/sd-scripts writes it for SD1.x (networks/lora.py):
+Per adapted layer, as kohya-ss/sd-scripts writes it for SD1.x (networks/lora.py); SDXL's two text
+encoders are lora_te1_ (CLIP-L) and lora_te2_ (bigG), its UNet's layers keep diffusers' names:
 
     lora_unet_<diffusers UNet module path, '.' -> '_'>.lora_down.weight   = PEFT lora_A  (r x d_in)
     lora_unet_<...>.lora_up.weight                                       = PEFT lora_B  (d_out x r)
@@ -32,21 +33,29 @@ from lora_tools.files import atomic_path
 EXPORTER_VERSION = "1"  # bump when what this module writes changes
 
 
-def to_kohya(unet_sd, text_encoder_sd, unet_alpha, text_encoder_alpha, dtype=torch.float32, *, use_rslora=False):
-    """`get_peft_model_state_dict` of the UNet and of the CLIP text encoder (may be empty or None)
-    -> {kohya name: tensor}, all in `dtype` on the CPU. unet_alpha / text_encoder_alpha: each model's
-    lora_alpha (each layer's rank comes from its tensors, so PEFT's rank_pattern is fine)."""
+DIFFUSERS_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}  # its names
+
+
+def to_kohya(state_dicts, alphas, prefixes, dtype=torch.float32, *, use_rslora=False):
+    """`get_peft_model_state_dict` of each trained model, {component: state dict} ("unet", "text_encoder",
+    "text_encoder_2"), -> {kohya name: tensor}, all in `dtype` on the CPU. alphas: {component: lora_alpha}
+    (each layer's rank comes from its tensors, so PEFT's rank_pattern is fine); prefixes: {component: kohya
+    prefix} (SD1.x: lora_unet, lora_te; SDXL: lora_unet, lora_te1, lora_te2)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
-    peft_sd = {f"unet.{k}": v for k, v in unet_sd.items()}
-    for k, v in (text_encoder_sd or {}).items():
-        # fix 1a: sd-scripts names CLIP layers as transformers 4 did: text_model.encoder.layers.N…
-        peft_sd["text_encoder." + ("" if k.startswith("text_model.") else "text_model.") + k] = v
+    peft_sd = {}
+    for component, sd in state_dicts.items():
+        for k, v in sd.items():
+            if component != "unet" and not k.startswith("text_model."):
+                k = "text_model." + k  # fix 1a: sd-scripts names CLIP layers as transformers 4 did
+            peft_sd[f"{component}.{k}"] = v
+    ours = {DIFFUSERS_PREFIXES[c]: (prefixes[c], alphas[c]) for c in state_dicts}
     out = {}
     for key, v in convert_state_dict_to_kohya(peft_sd).items():
-        key = key.replace("lora_te1_", "lora_te_", 1)  # fix 1b: SD1.x has one text encoder, lora_te_
+        theirs = key.split("_", 2)[0] + "_" + key.split("_", 2)[1]  # lora_unet, lora_te1, lora_te2
+        prefix, alpha = ours[theirs]
+        key = prefix + key[len(theirs):]  # fix 1b: SD1.x has one text encoder, lora_te_
         if key.endswith(".alpha"):  # diffusers put the layer's rank r here
-            alpha = unet_alpha if key.startswith("lora_unet_") else text_encoder_alpha
             # fix 2: the trained α (rsLoRA: α·√r, since (α·√r)/r = α/√r); 0-dim in `dtype`, like sd-scripts
             v = torch.tensor(alpha * math.sqrt(v.item()) if use_rslora else float(alpha), dtype=dtype)
         out[key] = v.detach().to("cpu", dtype).contiguous()
@@ -58,11 +67,13 @@ def _local_name(name):
     return os.path.basename(os.path.normpath(name)) if name and os.path.exists(name) else name
 
 
-def kohya_metadata(info):
+def kohya_metadata(info, family_metadata=()):
     """The safetensors metadata (str -> str) that WebUI and ComfyUI show for a kohya LoRA, with the
     keys and str() values of kohya-ss/sd-scripts' train_network.py and its ModelSpec 1.0.0 keys for
-    an SD1.x LoRA. `info`: the script's settings (cfg.as_dict()) plus the facts of the run:
-    steps, num_images, started_at and finished_at (unix times). Settings that are None are left out."""
+    an SD1.x LoRA; family_metadata: (key, value) pairs for another family (SDXL's base model version and
+    architecture: WebUI hides a LoRA tagged for another family). `info`: the script's settings
+    (cfg.as_dict()) plus the facts of the run: steps, num_images, started_at and finished_at (unix
+    times). Settings that are None are left out."""
     c = info
     args = {k.lower(): c[k] for k in ("TARGET_MODULES", "USE_DORA", "USE_RSLORA", "TRAIN_TEXT_ENCODER")}
     if c["TRAIN_TEXT_ENCODER"]:
@@ -112,16 +123,17 @@ def kohya_metadata(info):
         "modelspec.date": datetime.datetime.fromtimestamp(int(c["finished_at"])).isoformat(),
         "lora_complete_example_version": f"kohya-export/{EXPORTER_VERSION} ({versions})",
     }
+    meta.update(dict(family_metadata))
     return {k: str(v) for k, v in meta.items() if v is not None}
 
 
-def save_kohya_file(path, unet_sd, te_sd, unet_alpha, te_alpha, metadata, dtype=torch.float32, *, use_rslora=False):
-    """Write the kohya file atomically (an older file stays until the new one is complete). Refuses
-    (UserError) if a tensor is NaN/inf after the cast to `dtype`: an fp32 value past fp16's 65504
-    becomes inf only there."""
+def save_kohya_file(path, state_dicts, alphas, prefixes, metadata, dtype=torch.float32, *, use_rslora=False):
+    """Write the kohya file (to_kohya's arguments) atomically: an older file stays until the new one is
+    complete. Refuses (UserError) if a tensor is NaN/inf after the cast to `dtype`: an fp32 value past
+    fp16's 65504 becomes inf only there."""
     from safetensors.torch import save_file
 
-    tensors = to_kohya(unet_sd, te_sd, unet_alpha, te_alpha, dtype, use_rslora=use_rslora)
+    tensors = to_kohya(state_dicts, alphas, prefixes, dtype, use_rslora=use_rslora)
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"{len(bad)} LoRA tensors hold NaN/inf in {str(dtype).replace('torch.', '')} (e.g. {bad[0]}), "

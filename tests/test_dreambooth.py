@@ -124,7 +124,7 @@ def test_pivotal_tuning_trains_only_the_new_rows_and_the_lora(tiny_args, load_ti
     assert lora_moved  # B starts at 0: it trained
 
     # the files through plain diffusers: the text encoder's output for a prompt holding the token
-    save_embedding(str(tmp_path / EMB_NAME), ldb.new_token_vectors(te))
+    save_embedding(str(tmp_path / EMB_NAME), {"emb_params": ldb.new_token_vectors(te)})
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     if train_text_encoder:
         lce.save_lora(str(tmp_path / lce.WEIGHTS_NAME), {"unet": unet, "text_encoder": te}, cfg)

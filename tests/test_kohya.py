@@ -26,7 +26,15 @@ import torch  # noqa: E402
 
 from conftest import capture_library_messages, key_complaints  # noqa: E402
 from lora_tools.config import UserError  # noqa: E402
+from lora_tools.family import SD1  # noqa: E402
 from lora_tools.kohya import kohya_metadata, save_kohya_file, to_kohya  # noqa: E402
+
+
+def save_sd1(path, unet_sd, te_sd, unet_alpha, te_alpha, metadata, dtype=torch.float32, use_rslora=False):
+    """save_kohya_file for an SD1.x LoRA of the UNet and (if te_sd) the text encoder."""
+    state_dicts = {"unet": unet_sd, **({"text_encoder": te_sd} if te_sd else {})}
+    save_kohya_file(path, state_dicts, {"unet": unet_alpha, "text_encoder": te_alpha}, dict(SD1.webui), metadata, dtype,
+                    use_rslora=use_rslora)
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -209,7 +217,7 @@ def kohya_fp32(trained, make_cfg):
     path = os.path.join(trained["folder"], "kohya.safetensors")
     metadata = script_metadata(make_cfg, "--TRAIN_TEXT_ENCODER=True", "--MAX_TRAIN_STEPS=None", "--LORAPLUS_LR_RATIO=16",
                                "--MIXED_PRECISION=auto")
-    save_kohya_file(path, trained["unet_sd"], trained["te_sd"], UNET_ALPHA, TE_ALPHA, metadata, torch.float32)
+    save_sd1(path, trained["unet_sd"], trained["te_sd"], UNET_ALPHA, TE_ALPHA, metadata, torch.float32)
     tensors, metadata = read_file(path)
     return dict(path=path, tensors=tensors, metadata=metadata)
 
@@ -276,7 +284,7 @@ def test_kohya_alpha_entries_set_the_strength(trained, kohya_fp32):
 @pytest.mark.parametrize("dtype, rel, of_effect", [(torch.float16, 2e-3, 0.02), (torch.bfloat16, 1.6e-2, 0.05)])
 def test_kohya_file_half_precision(trained, dtype, rel, of_effect):
     name = f"kohya_{str(dtype).replace('torch.', '')}.safetensors"
-    save_kohya_file(os.path.join(trained["folder"], name), trained["unet_sd"], trained["te_sd"], UNET_ALPHA, TE_ALPHA,
+    save_sd1(os.path.join(trained["folder"], name), trained["unet_sd"], trained["te_sd"], UNET_ALPHA, TE_ALPHA,
                     {}, dtype)
     tensors, metadata = read_file(os.path.join(trained["folder"], name))
     assert {v.dtype for v in tensors.values()} == {dtype}  # .alpha too, as sd-scripts saves it
@@ -293,7 +301,7 @@ def test_kohya_file_half_precision(trained, dtype, rel, of_effect):
 def test_unet_only_kohya_file(trained, make_cfg):
     """As the script writes it without TRAIN_TEXT_ENCODER: te_sd = {} and LORA_ALPHA for both."""
     path = os.path.join(trained["folder"], "kohya_unet_only.safetensors")
-    save_kohya_file(path, trained["unet_sd"], {}, UNET_ALPHA, UNET_ALPHA, script_metadata(make_cfg), torch.float32)
+    save_sd1(path, trained["unet_sd"], {}, UNET_ALPHA, UNET_ALPHA, script_metadata(make_cfg), torch.float32)
     tensors, metadata = read_file(path)
     assert fingerprint(tensors) == (3 * 80, PIN_KEYS["unet_only"], {8.0: 80})
     assert all(k.startswith("lora_unet_") for k in tensors)
@@ -325,7 +333,7 @@ def test_wider_targets_rank_pattern_and_rslora(tiny_model_dir, tmp_path, trained
                                "--TEXT_ENCODER_LEARNING_RATE=5e-5", "--MODEL_ID=stable-diffusion-v1-5/stable-diffusion-v1-5",
                                "--DATA_DIR=None", "--TARGET_MODULES=" + ",".join(unet_targets),
                                "--TEXT_ENCODER_TARGET_MODULES=" + ",".join(te_targets))
-    save_kohya_file(str(tmp_path / "wide.safetensors"), unet_sd, te_sd, UNET_ALPHA, TE_ALPHA, metadata, use_rslora=True)
+    save_sd1(str(tmp_path / "wide.safetensors"), unet_sd, te_sd, UNET_ALPHA, TE_ALPHA, metadata, use_rslora=True)
     tensors, metadata = read_file(str(tmp_path / "wide.safetensors"))
     assert (n_unet, n_te) == (10 * 12, 2 * 6)
     n_ff2 = 10  # one ff.net.2 per transformer block, at rank 2
@@ -367,7 +375,8 @@ def test_every_sd15_name_is_one_comfyui_and_webui_look_up():
     def fake(layers):
         return {f"{n}.lora_{ab}.weight": torch.zeros(1, 1) for n in layers for ab in "AB"}
 
-    names = {k.split(".")[0] for k in to_kohya(fake(unet_layers), fake(te_layers), 1, 1)}
+    names = {k.split(".")[0] for k in to_kohya({"unet": fake(unet_layers), "text_encoder": fake(te_layers)},
+                                                {"unet": 1, "text_encoder": 1}, dict(SD1.webui))}
     # ComfyUI (comfy/lora.py): "lora_unet_" + diffusers UNet key with '.' -> '_', and for CLIP
     # "lora_te_text_model_encoder_layers_{b}_{c}" over its LORA_CLIP_MAP; WebUI's regexes read the same
     clip_map = ["mlp_fc1", "mlp_fc2", "self_attn_k_proj", "self_attn_q_proj", "self_attn_v_proj", "self_attn_out_proj"]
@@ -379,18 +388,18 @@ def test_every_sd15_name_is_one_comfyui_and_webui_look_up():
 def test_refusals(trained, tmp_path):
     unet_sd, te_sd = trained["unet_sd"], trained["te_sd"]
     path = tmp_path / "k.safetensors"
-    save_kohya_file(str(path), unet_sd, te_sd, UNET_ALPHA, TE_ALPHA, {}, torch.float32)
+    save_sd1(str(path), unet_sd, te_sd, UNET_ALPHA, TE_ALPHA, {}, torch.float32)
     good = path.read_bytes()
     key = next(k for k in unet_sd if k.endswith("lora_B.weight"))
     nan = dict(unet_sd)
     nan[key] = unet_sd[key].clone()
     nan[key][0, 0] = float("nan")
     with pytest.raises(UserError, match="NaN/inf"):
-        save_kohya_file(str(path), nan, te_sd, UNET_ALPHA, TE_ALPHA, {}, torch.float32)
+        save_sd1(str(path), nan, te_sd, UNET_ALPHA, TE_ALPHA, {}, torch.float32)
     big = dict(unet_sd)
     big[key] = unet_sd[key] + 1e5  # finite in fp32, inf in fp16
-    save_kohya_file(str(tmp_path / "big32.safetensors"), big, {}, UNET_ALPHA, UNET_ALPHA, {}, torch.float32)
+    save_sd1(str(tmp_path / "big32.safetensors"), big, {}, UNET_ALPHA, UNET_ALPHA, {}, torch.float32)
     with pytest.raises(UserError, match="float16"):
-        save_kohya_file(str(path), big, {}, UNET_ALPHA, UNET_ALPHA, {}, torch.float16)
+        save_sd1(str(path), big, {}, UNET_ALPHA, UNET_ALPHA, {}, torch.float16)
     assert path.read_bytes() == good  # the earlier file is kept whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big32.safetensors", "k.safetensors"]  # no temp files

@@ -115,6 +115,50 @@ def build_tiny_pipeline(path, seed=0, prediction_type="epsilon"):
     return atomic_folder(path, write)
 
 
+def _tiny_vae(scaling_factor):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                         norm_num_groups=8, latent_channels=4, sample_size=TINY_RESOLUTION, scaling_factor=scaling_factor)
+
+
+def build_tiny_sdxl_pipeline(path, seed=0):
+    """A tiny StableDiffusionXLPipeline in diffusers layout (once; reused after), SDXL's structure:
+    two CLIP text encoders (the second with a projection, whose pooled output conditions the UNet),
+    tokenizer_2 padding with "!" as SDXL's does, a UNet taking the size/crop ids ("text_time") and the
+    two encoders' hidden states side by side (cross_attention_dim 32 + 32), a VAE with SDXL's 0.13025
+    scaling factor (its force_upcast default: fp32 under fp16), and SDXL's Euler sampler."""
+
+    def write(tmp):
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32, 32), layers_per_block=1, transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 4), cross_attention_dim=2 * TINY_TEXT_DIM, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + TINY_TEXT_DIM, norm_num_groups=8)
+        config = dict(vocab_size=514, hidden_size=TINY_TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                      projection_dim=TINY_TEXT_DIM)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(config, hidden_act="gelu")))
+        tokenizer_2 = _tiny_tokenizer()
+        tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!", not with the end token
+        scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                           beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+        StableDiffusionXLPipeline(vae=_tiny_vae(0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                  tokenizer=_tiny_tokenizer(), tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                  force_zeros_for_empty_prompt=True).save_pretrained(tmp)
+
+    return atomic_folder(path, write)
+
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
 SHAPES = ("circle", "square")
 
