@@ -20,9 +20,11 @@ Prints a table with the ratios (a)/(b) and (b)/(c) and writes JSON.
     python benchmarks/bench_train.py                                 # SD1.5 at 512 px, batch 1
     python benchmarks/bench_train.py --MODELS=sd15 --RESOLUTION=256  # SD1.5 architecture at 256 px
     python benchmarks/bench_train.py --MODELS=sd15 --MODES=b --BATCH_SIZES=1,4,8 --GRADIENT_CHECKPOINTING=False,True
+    python benchmarks/bench_train.py --MODELS=sdxl --RESOLUTION=1024 --MODES=b,c --GRADIENT_CHECKPOINTING=False,True
+    python benchmarks/bench_train.py --MODELS=sdxl --RESOLUTION=256 --MODES=b,c   # SDXL on a CPU
 
-The SD1.5 architecture is built from its published configs with random weights (no download):
-the compute is the real one, the weights don't matter for speed.
+The SD1.5 and SDXL base 1.0 architectures are built from their published configs with random weights
+(no download): the compute is the real one, the weights don't matter for speed.
 """
 import json
 import os
@@ -40,7 +42,7 @@ sys.path.insert(0, ROOT)
 from lora_tools.config import UserError, parse_overrides  # noqa: E402
 
 # -----------------------------------------------------------------------------
-MODELS = ["sd15"]  # sd15 = the SD1.5 architecture, random weights
+MODELS = ["sd15"]  # sd15 / sdxl = the SD1.5 / SDXL base 1.0 architecture, random weights
 MODES = ["a", "b", "c"]  # a = conventional, b = this script's default, c = bare UNet step
 RESOLUTION = 512  # pixels
 BATCH_SIZES = [1]  # images per step; each is measured
@@ -67,22 +69,45 @@ def peak_memory(cuda):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, None  # Linux reports KiB
 
 
-def build_models(model, device, weight_dtype):
-    """tokenizer, text encoder, VAE, UNet, noise scheduler — frozen, on device, in weight_dtype."""
+def build_models(model, device, weight_dtype, vae_dtype):
+    """The script's StableDiffusion (tokenizers, text encoders, VAE, UNet, noise scheduler) of the SD1.5 or
+    SDXL architecture — frozen, on device, in weight_dtype (the VAE in vae_dtype)."""
     import torch
     from diffusers import DDPMScheduler
 
+    import lora_complete_example as lce
+    from lora_tools.family import SD1, SDXL
     from lora_tools.sd15 import sd15_text_encoder, sd15_tokenizer, sd15_unet, sd15_vae
+    from lora_tools.sdxl import sdxl_text_encoders, sdxl_unet, sdxl_vae
 
-    if model != "sd15":
-        raise UserError(f"MODELS: unknown model {model!r} — the benchmark measures the SD1.5 architecture, 'sd15'")
+    if model not in ("sd15", "sdxl"):
+        raise UserError(f"MODELS: unknown model {model!r} — the benchmark measures 'sd15' and 'sdxl'")
     with torch.random.fork_rng(devices=[]):  # initialise directly on the device: random init of 1B parameters on a CPU is slow
-        text_encoder, vae, unet = sd15_text_encoder(device), sd15_vae(device), sd15_unet(device)
+        if model == "sd15":
+            family, text_encoders, vae, unet = SD1, (sd15_text_encoder(device),), sd15_vae(device), sd15_unet(device)
+        else:
+            family, text_encoders, vae, unet = SDXL, sdxl_text_encoders(device), sdxl_vae(device), sdxl_unet(device)
+    # the same DDPM schedule for both (their scheduler configs agree)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    for m in (text_encoder, vae, unet):
-        m.requires_grad_(False)
-        m.to(device, dtype=weight_dtype)
-    return sd15_tokenizer(), text_encoder, vae, unet, scheduler
+    for m in (*text_encoders, unet):
+        m.requires_grad_(False).to(device, dtype=weight_dtype)
+    vae.requires_grad_(False).to(device, dtype=vae_dtype)
+    tokenizers = (sd15_tokenizer(),) * len(text_encoders)  # a stand-in BPE tokenizer: ids are all speed needs
+    return lce.StableDiffusion(family, tokenizers, text_encoders, vae, unet, scheduler, vae.config.scaling_factor, 8)
+
+
+def ready_inputs(unet, bs, h, device, dtype):
+    """z_t, t, the UNet's conditioning and a target: random tensors of the right shapes (mode c)."""
+    import torch
+
+    cond = {"encoder_hidden_states": torch.randn(bs, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled prompt + size/crop ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        size = torch.tensor([[8 * h, 8 * h, 0, 0, 8 * h, 8 * h]], device=device, dtype=torch.float32)
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(bs, pooled, device=device, dtype=dtype),
+                                     "time_ids": size.expand(bs, 6)}
+    return dict(z=torch.randn(bs, 4, h, h, device=device), t=torch.randint(0, 1000, (bs,), device=device),
+                cond=cond, target=torch.randn(bs, 4, h, h, device=device))
 
 
 def make_images(folder, n, resolution):
@@ -100,7 +125,7 @@ def make_images(folder, n, resolution):
     return paths, captions
 
 
-def count_unet_flops(unet, sample, t, emb):
+def count_unet_flops(unet, sample, t, cond):
     """Model FLOPs of one UNet forward + backward (matmuls, convolutions, attention), counted with
     gradient checkpointing off: its recomputed forward is extra work, not useful work."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -110,7 +135,7 @@ def count_unet_flops(unet, sample, t, emb):
         unet.disable_gradient_checkpointing()
     counter = FlopCounterMode(display=False)
     with counter:
-        unet(sample, t, emb, return_dict=False)[0].float().square().mean().backward()
+        unet(sample, t, **cond, return_dict=False)[0].float().square().mean().backward()
     for p in unet.parameters():
         p.grad = None
     if checkpointing:
@@ -124,7 +149,6 @@ def measure(spec):
     from accelerate import Accelerator
 
     import lora_complete_example as lce
-    from lora_tools.family import SD1
 
     cuda = torch.cuda.is_available()
     if not cuda:  # the script's host-memory policy on a CPU, for every mode alike
@@ -140,7 +164,10 @@ def measure(spec):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    tokenizer, text_encoder, vae, unet, scheduler = build_models(spec["model"], device, weight_dtype)
+    # fp16: the SDXL VAE overflows, so fp32 as the script keeps it (force_upcast in its config)
+    vae_dtype = torch.float32 if weight_dtype == torch.float16 and spec["model"] == "sdxl" else weight_dtype
+    sd = build_models(spec["model"], device, weight_dtype, vae_dtype)
+    unet = sd.unet
     cfg = lce.resolve_config([f"--RESOLUTION={res}", f"--BATCH_SIZE={bs}", "--GRADIENT_ACCUMULATION_STEPS=1",
                               f"--LORA_RANK={spec['lora_rank']}", f"--LORA_ALPHA={spec['lora_rank']}",
                               f"--CACHE_LATENTS={mode == 'b'}", f"--GRADIENT_CHECKPOINTING={spec['gradient_checkpointing']}",
@@ -160,19 +187,15 @@ def measure(spec):
     optimizer = lce.make_optimizer(lce.lora_param_groups([(unet, cfg.LEARNING_RATE)], cfg), cfg, cuda)
     caching_peak = None
     if mode == "c":  # ready tensors: z_t, t, c and the target, made once
-        h = res // 8
-        ready = dict(z=torch.randn(bs, 4, h, h, device=device), t=torch.randint(0, 1000, (bs,), device=device),
-                     c=torch.randn(bs, 77, unet.config.cross_attention_dim, device=device, dtype=weight_dtype),
-                     target=torch.randn(bs, 4, h, h, device=device))
+        ready = ready_inputs(unet, bs, res // 8, device, weight_dtype)
+        sd.vae = sd.text_encoders = None
         unet, optimizer = accelerator.prepare(unet, optimizer)
         batches = None
     else:
-        sd = lce.StableDiffusion(SD1, (tokenizer,), (text_encoder,), vae, unet, scheduler, vae.config.scaling_factor, 8)
         dataset = lce.CaptionedImages(paths, lce.tokenize(sd.tokenizers, captions), cfg)
         if mode == "b":
             dataset = lce.cache_latents(dataset, sd, cfg, show_progress=False)
-            sd.vae, sd.text_encoders = None, (None,)
-            vae = text_encoder = None
+            sd.vae, sd.text_encoders = None, (None,) * len(sd.text_encoders)
             if cuda:
                 torch.cuda.empty_cache()
             caching_peak = peak_memory(cuda)[0]  # and, on a GPU, the training peak starts from here
@@ -186,7 +209,7 @@ def measure(spec):
     for i in range(warmup + steps):
         t_step = time.perf_counter()
         if batches is None:  # (c) the floor
-            pred = unet(ready["z"], ready["t"], ready["c"], return_dict=False)[0]
+            pred = unet(ready["z"], ready["t"], **ready["cond"], return_dict=False)[0]
             loss = torch.nn.functional.mse_loss(pred.float(), ready["target"])
             accelerator.backward(loss)
         else:  # (a) and (b): the script's own step
@@ -204,11 +227,10 @@ def measure(spec):
         if i >= warmup:
             times.append(now - t_step)
     peak, reserved = peak_memory(cuda)
-    h = res // 8  # FLOPs of the UNet's forward + backward at this shape, counted once (untimed)
-    z, t = torch.randn(bs, 4, h, h, device=device), torch.randint(0, 1000, (bs,), device=device)
-    c = torch.randn(bs, 77, accelerator.unwrap_model(unet, keep_torch_compile=False).config.cross_attention_dim, device=device, dtype=weight_dtype)
+    bare = accelerator.unwrap_model(unet, keep_torch_compile=False)
+    x = ready_inputs(bare, bs, res // 8, device, weight_dtype)  # FLOPs at this shape, counted once (untimed)
     with accelerator.autocast():
-        flops = count_unet_flops(accelerator.unwrap_model(unet, keep_torch_compile=False), z, t, c)
+        flops = count_unet_flops(bare, x["z"], x["t"], x["cond"])
     sec = statistics.median(times)
     return dict(spec, device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 mixed_precision=mixed_precision, steps=steps, warmup=warmup, sec_per_step=sec,

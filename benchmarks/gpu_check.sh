@@ -8,8 +8,11 @@
 #           batch 1, 4, 8, with and without gradient checkpointing (6 fresh processes);
 #   part 3: the script end to end on the GPU (the demo): auto precision (bf16 where native), fp16 with
 #           an fp32 VAE, text-encoder LoRA with alpha != rank, torch.compile, and 8-bit AdamW when
-#           bitsandbytes is installed (skipped, saying so, when it is not).
-# Usage: bash benchmarks/gpu_check.sh 1      (then 2, then 3; no argument runs all three in turn)
+#           bitsandbytes is installed (skipped, saying so, when it is not);
+#   part 4: the training-step benchmark on the SDXL base 1.0 architecture at 1024 px, batch 1, with and
+#           without gradient checkpointing: (b) this script's default path and (c) the bare UNet step
+#           (s/step, peak memory, the UNet's model TFLOP/s; 4 fresh processes).
+# Usage: bash benchmarks/gpu_check.sh 1      (then 2, 3, 4; no argument runs all four in turn)
 # Where the image lacks packages, put their wheels in .whl/ (pip download diffusers peft ... -d .whl).
 set -u
 OUT=${OUT:-bench_results}
@@ -18,7 +21,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ -d .whl ] && ! python3 -c "import diffusers, peft" 2>/dev/null; then
     python3 -m pip install -q --no-index --find-links .whl diffusers peft importlib_metadata 2>&1 | tail -n 2
 fi
-PARTS=${1:-"1 2 3"}
+PARTS=${1:-"1 2 3 4"}
 LIMIT=290  # seconds per part
 
 part1() {
@@ -27,6 +30,10 @@ part1() {
 part2() {
     python3 benchmarks/bench_train.py --MODELS=sd15 --RESOLUTION=512 --MODES=b --BATCH_SIZES=1,4,8 \
         --GRADIENT_CHECKPOINTING=False,True --OUTPUT="$OUT/bench_gpu_512_sweep.json"
+}
+part4() {
+    python3 benchmarks/bench_train.py --MODELS=sdxl --RESOLUTION=1024 --MODES=b,c --BATCH_SIZES=1 \
+        --GRADIENT_CHECKPOINTING=False,True --OUTPUT="$OUT/bench_gpu_sdxl_1024.json"
 }
 part3() {
     local cases=("--MIXED_PRECISION=auto" "--MIXED_PRECISION=fp16 --VAE_FP32=True"
@@ -52,7 +59,7 @@ python3 -c "import torch, diffusers, transformers, peft, accelerate; print('torc
 for p in $PARTS; do
     echo "##### part $p (at most $LIMIT s)"
     start=$(date +%s)
-    export -f part1 part2 part3
+    export -f part1 part2 part3 part4
     export OUT
     timeout "$LIMIT" bash -c "part$p" 2>&1 | tee "$OUT/part$p.log"
     status=${PIPESTATUS[0]}

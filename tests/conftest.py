@@ -38,7 +38,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import lora_complete_example as lce  # noqa: E402
-from tiny import build_tiny_dataset, build_tiny_pipeline  # noqa: E402
+from tiny import build_tiny_dataset, build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
 
 # The libraries' objects, imported above, are never garbage: keep them out of every collection the
 # script's runs ask for (gc.collect before rendering: about a second a run in a process this size).
@@ -343,6 +343,12 @@ def shared_run(root, name, argv_for):
 @pytest.fixture(scope="session")
 def tiny_model_dir(shared_root):
     return built_once(shared_root, "tiny-sd", build_tiny_pipeline)
+
+
+@pytest.fixture(scope="session")
+def xl_model(shared_root):
+    """The tiny SDXL-shaped pipeline (tests/tiny.py), built once for all workers."""
+    return built_once(shared_root, "tiny-sdxl", build_tiny_sdxl_pipeline)
 
 
 @pytest.fixture(scope="session")

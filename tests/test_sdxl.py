@@ -13,19 +13,14 @@ import torch
 
 import lora_complete_example as lce
 import lora_dreambooth_example as ldb
-from conftest import (built_once, capture_library_messages, collate_items, key_complaints, lora_weights,
+from conftest import (capture_library_messages, collate_items, key_complaints, lora_weights,
                       maxdiff, pixel_diff, read_safetensors, run_main, shared_run)
 from lora_tools.config import UserError
 from lora_tools.family import SD1, SDXL, detect
-from tiny import build_tiny_sdxl_pipeline, make_shape_image
+from tiny import make_shape_image
 
 RANK, ALPHA = 4, 8
 pytestmark = pytest.mark.xdist_group("sdxl")  # one worker builds the tiny SDXL model and its runs
-
-
-@pytest.fixture(scope="session")
-def xl_model(shared_root):
-    return built_once(shared_root, "tiny-sdxl", build_tiny_sdxl_pipeline)
 
 
 def xl_args(xl_model, tiny_data_dir, *extra):
