@@ -9,7 +9,7 @@ embedding is learned together with the LoRA (pivotal tuning).
 
 Usage (every constant of both scripts can be overridden as --NAME=value):
 
-    # offline demo on a CPU, ~3 minutes: a subject learned with and without prior preservation
+    # offline demo on a CPU, about a minute: a subject learned with and without prior preservation
     python lora_dreambooth_example.py --DEMO=True
 
     # your subject: a folder of a few pictures of it (captions not needed)

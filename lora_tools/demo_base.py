@@ -16,7 +16,7 @@ its UNet then read a shape's colour from the vectors *after* the colour word, wh
 caption. `python benchmarks/colour_probe.py` on the demo_base/ of commit 2078d88: swapping the colour
 word's vector alone gave 0% of pictures in the other colour, swapping the vectors after it 77% (on this
 one: 100% and 0%). So "purple" meant something different in every caption, and the demo's LoRA, trained
-on purple circles and squares, drew purple on 0% of the held-out purple pictures (on this base: 64%).
+on purple circles and squares, drew purple on 0% of the held-out purple pictures (on this base: 46%).
 Real CLIP, trained on 400M captions, gives a word a meaning that survives its context; a tiny one,
 trained on 50 captions, did not.
 
