@@ -241,13 +241,17 @@ def xl_dreambooth(xl_model, tiny_data_dir, tmp_path_factory):
     return run_main(xl_args(xl_model, tiny_data_dir, f"--OUTPUT_DIR={root / 'out'}", "--BATCH_SIZE=2", "--MAX_TRAIN_STEPS=4",
                             "--INSTANCE_PROMPT=a <zwx> circle", "--CLASS_PROMPT=a circle", "--NEW_TOKEN=<zwx>",
                             "--NEW_TOKEN_INIT_WORD=circle", "--NUM_CLASS_IMAGES=3", "--EMBEDDING_LEARNING_RATE=1e-2",
-                            "--VALIDATION_PROMPTS=a <zwx> circle on a red background"), ldb)
+                            "--VALIDATION_PROMPTS=a <zwx> circle on a red background", "--USE_DORA=True"), ldb)
 
 
 def test_pivotal_tuning_on_sdxl_trains_the_token_in_both_tables_and_plain_diffusers_loads_it(xl_dreambooth, xl_model):
+    """DreamBooth with prior preservation, a new token and DoRA on SDXL: plain diffusers redraws its test image."""
     from safetensors.torch import load_file
 
     out = xl_dreambooth.out
+    weights = lora_weights(out)
+    assert any("lora_magnitude_vector" in k for k in weights)  # DoRA's magnitudes are in the file
+    assert not os.path.exists(os.path.join(out, "my_lora.safetensors"))  # and no WebUI file (DoRA)
     emb = load_file(os.path.join(out, "my_lora_emb.safetensors"))
     assert sorted(emb) == ["clip_g", "clip_l"] and emb["clip_l"].shape == emb["clip_g"].shape == (2, 32)
     pipe = xl_pipe(xl_model, out)
