@@ -7,7 +7,7 @@ safetensors file that diffusers loads, and renders a test image from base model 
 
 Usage (every constant below can be overridden as --NAME=value, spelled exactly like the constant):
 
-    # offline demo on a CPU, ~2 minutes: LoRA teaches a small pretrained model a colour it never saw
+    # offline demo on a CPU, under a minute: LoRA teaches a small pretrained model a colour it never saw
     python lora_complete_example.py --DEMO=True
 
     # the real run: downloads SD1.5 and the Naruto captions dataset, trains on the visible GPU
@@ -21,6 +21,10 @@ Usage (every constant below can be overridden as --NAME=value, spelled exactly l
 
     # one subject from a few pictures (DreamBooth, pivotal tuning): the sibling script
     python lora_dreambooth_example.py --help
+
+Lists take comma-separated text (--TARGET_MODULES=to_q,to_v) or a Python list; for prompts a plain text
+is one prompt, commas and all (--VALIDATION_PROMPTS="a dog, in a bucket"), and several are a list
+(--VALIDATION_PROMPTS="['a dog, in a bucket', 'a cat']").
 
 Writes to OUTPUT_DIR: pytorch_lora_weights.safetensors (the adapter in diffusers' format, with its
 rank/alpha metadata), <OUTPUT_NAME>.safetensors (the same adapter for Stable Diffusion WebUI and

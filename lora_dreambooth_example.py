@@ -14,7 +14,10 @@ Usage (every constant of both scripts can be overridden as --NAME=value):
 
     # your subject: a folder of a few pictures of it (captions not needed)
     python lora_dreambooth_example.py --DATA_DIR=./my_dog --INSTANCE_PROMPT="a photo of <zwx> dog" \\
-        --CLASS_PROMPT="a photo of a dog" --NEW_TOKEN="<zwx>" --VALIDATION_PROMPTS="['a photo of <zwx> dog']"
+        --CLASS_PROMPT="a photo of a dog" --NEW_TOKEN="<zwx>" --VALIDATION_PROMPTS="a photo of <zwx> dog, in a bucket"
+
+A plain text for VALIDATION_PROMPTS is one prompt, commas and all (--VALIDATION_PROMPTS="a dog, in a bucket");
+several are a Python list (--VALIDATION_PROMPTS="['a dog, in a bucket', 'a cat']").
 
 Writes what lora_complete_example.py writes, and with NEW_TOKEN also <OUTPUT_NAME>_emb.safetensors (the
 token's embedding, for load_textual_inversion and WebUI/ComfyUI's embeddings folder), with CLASS_PROMPT

@@ -7,7 +7,9 @@ The rules (each one tested in tests/test_config.py):
 - the type must match the default: str defaults take the text as it is; bools take True/False only;
   ints take integers; floats take integers or floats (numbers also take None, which the script's
   checks accept only where a setting documents it); lists take a Python list or comma-separated
-  text; a None default takes any Python literal, or the text itself when it is not one;
+  text, except lists of prompts (names ending in PROMPTS), where plain text is one prompt, commas and
+  all: `--VALIDATION_PROMPTS="a dog, in a bucket"` is one prompt, `"['a, b', 'c']"` two; a None default
+  takes any Python literal, or the text itself when it is not one;
 - every override is printed.
 """
 import ast
@@ -49,7 +51,9 @@ def parse_value(name, text, default):
             raise _type_error(name, default, text, "an integer")
         return value
     if isinstance(default, (list, tuple)):
-        if isinstance(value, str):  # --TARGET_MODULES=to_q,to_v
+        if isinstance(value, str) and name.endswith("PROMPTS"):  # a prompt's commas are part of it
+            value = [value]
+        elif isinstance(value, str):  # --TARGET_MODULES=to_q,to_v
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise _type_error(name, default, text, "a list")

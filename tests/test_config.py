@@ -85,6 +85,13 @@ def test_list_takes_a_python_list_or_comma_text(text, expected):
     assert value == expected and type(value) is list
 
 
+def test_a_prompt_with_commas_is_one_prompt_and_a_list_gives_several():
+    assert parse("--VALIDATION_PROMPTS=a photo of sks dog, in a bucket")["VALIDATION_PROMPTS"] == [
+        "a photo of sks dog, in a bucket"]
+    assert parse("--VALIDATION_PROMPTS=['a, b', 'c']")["VALIDATION_PROMPTS"] == ["a, b", "c"]
+    assert parse("--TARGET_MODULES=to_q,to_v")["TARGET_MODULES"] == ["to_q", "to_v"]  # other lists still split
+
+
 @pytest.mark.parametrize("arg", ["LORA_RANK=8", "-LORA_RANK=8", "--LORA_RANK", "LORA_RANK", "--", "8"])
 def test_argument_without_dashes_or_equals_fails(arg):
     with pytest.raises(UserError, match="--NAME=value"):
@@ -323,6 +330,7 @@ def test_help_lists_every_setting_with_its_default(script):
     for k in module.CONFIG_KEYS:
         value = getattr(module, k) if hasattr(module, k) else getattr(lce, k)
         assert f"--{k}={value!r}" in printed, k
+    assert '--VALIDATION_PROMPTS="a dog, in a bucket"' in printed and "is one prompt" in printed  # how to give prompts
 
 
 def test_importing_the_script_has_no_side_effects(tmp_path, monkeypatch, capsys):
