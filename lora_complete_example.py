@@ -130,6 +130,7 @@ LOG_EVERY = 10  # log the mean loss every N optimizer steps (reading it from the
 CHECKPOINTING_STEPS = 500  # a resumable OUTPUT_DIR/checkpoint-<step>/ every N optimizer steps; None = never
 CHECKPOINTS_TOTAL_LIMIT = None  # keep only the newest N checkpoints; None = keep all
 RESUME_FROM = None  # "latest" (newest checkpoint in OUTPUT_DIR) or a checkpoint-<step> folder; None = new
+OVERWRITE_OUTPUT_DIR = False  # True = a new run may replace another run's results in OUTPUT_DIR (a demo's always)
 # output
 OUTPUT_DIR = "my_lora_model"  # where the adapter, config and pictures go
 OUTPUT_NAME = "my_lora"  # the WebUI/ComfyUI copy is OUTPUT_DIR/<OUTPUT_NAME>.safetensors
@@ -275,6 +276,19 @@ def check_resume(path, cfg, settings=SHAPE_SETTINGS):
         if before != now[key]:
             raise UserError(f"{path} was trained with {key}={before!r}, this run has {now[key]!r} — "
                             f"use the same --{key} to resume")
+
+
+def resume_point(cfg, accelerator, settings=SHAPE_SETTINGS):
+    """The checkpoint this run continues (RESUME_FROM, checked against the run's settings), or None for
+    a new run; a new run may not mix with another run's results in OUTPUT_DIR (lora_tools/checkpoint.py)."""
+    path = ckpt.resolve_resume(cfg.RESUME_FROM, cfg.OUTPUT_DIR)
+    if cfg.RESUME_FROM == "latest":
+        print0(f"RESUME_FROM=latest: {path or f'no checkpoint in {cfg.OUTPUT_DIR} yet, starting a new run'}")
+    if path is not None:
+        check_resume(path, cfg, settings)
+    ckpt.claim_output_dir(cfg.OUTPUT_DIR, path, cfg.OVERWRITE_OUTPUT_DIR, accelerator.is_main_process, print0)
+    accelerator.wait_for_everyone()  # no process goes on while the main one may still be clearing the folder
+    return path
 
 
 # =============================================================================
@@ -1216,11 +1230,7 @@ def generate(cfg, pipe, prompts, recipe, notes=None):
 def main(argv):
     # --- 1. configuration, checked before anything slow -----------------------------
     cfg, accelerator, weight_dtype, family = start(resolve_config(argv))
-    resume_path = ckpt.resolve_resume(cfg.RESUME_FROM, cfg.OUTPUT_DIR)
-    if cfg.RESUME_FROM == "latest" and resume_path is None:
-        print0(f"RESUME_FROM=latest: no checkpoint in {cfg.OUTPUT_DIR} yet, starting a new run")
-    if resume_path is not None:
-        check_resume(resume_path, cfg)
+    resume_path = resume_point(cfg, accelerator)  # None: a new run, in a folder of its own
 
     # --- 2. data: listed and decoded once, so a bad folder fails before any download -----
     images, captions = load_captioned_images(cfg, show_progress=accelerator.is_local_main_process)

@@ -38,7 +38,6 @@ from safetensors.torch import load_file
 
 import lora_complete_example as lce
 from lora_complete_example import print0
-from lora_tools import checkpoint as ckpt
 from lora_tools.checks import check_dreambooth
 from lora_tools.config import UserError
 from lora_tools.dreambooth import PairedImages, class_images, expand_token, save_embedding, token_names
@@ -235,11 +234,7 @@ def recipe_lines(cfg, family):
 def main(argv):
     # --- 1. configuration, checked before anything slow -----------------------------
     cfg, accelerator, weight_dtype, family = lce.start(resolve_config(argv))
-    resume_path = ckpt.resolve_resume(cfg.RESUME_FROM, cfg.OUTPUT_DIR)
-    if cfg.RESUME_FROM == "latest" and resume_path is None:
-        print0(f"RESUME_FROM=latest: no checkpoint in {cfg.OUTPUT_DIR} yet, starting a new run")
-    if resume_path is not None:
-        lce.check_resume(resume_path, cfg, SHAPE_SETTINGS)
+    resume_path = lce.resume_point(cfg, accelerator, SHAPE_SETTINGS)  # None: a new run, in a folder of its own
 
     # --- 2. data: listed and decoded once, so a bad folder fails before any download -----
     images, captions = lce.load_captioned_images(cfg, show_progress=accelerator.is_local_main_process,

@@ -85,6 +85,52 @@ def resolve_resume(resume_from, output_dir):
     return resume_from
 
 
+# What a run writes into OUTPUT_DIR besides its checkpoints (<OUTPUT_NAME>.safetensors and _emb too).
+RUN_FILES = ("pytorch_lora_weights.safetensors", CONFIG_NAME, "metrics.jsonl", "loss_curve.png", "rank_spectrum.png",
+             "comparison.png", "test_generation.png", "concept_scores.json", "dreambooth_scores.json")
+RUN_FOLDERS = ("validation", "merged_pipeline", "logs")  # (class_images/ stays: a DreamBooth run reuses it)
+
+
+def earlier_run(output_dir):
+    """What another run left in output_dir that is worth keeping: ([its weights and checkpoints], its
+    settings, {} when unknown); ([], {}) when there is nothing (a metrics.jsonl alone holds no weights)."""
+    checkpoints = list_checkpoints(output_dir)
+    found = [name for name in ("pytorch_lora_weights.safetensors", CONFIG_NAME)
+             if os.path.isfile(os.path.join(output_dir, name))] + [os.path.basename(p) for _, p in checkpoints]
+    settings = {}
+    for folder in [output_dir] + [p for _, p in checkpoints[::-1]]:
+        if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            settings = checkpoint_config(folder)
+            break
+    return found, settings
+
+
+def claim_output_dir(output_dir, resume_path, overwrite, is_main, log=print):
+    """A run's OUTPUT_DIR is its own. A new run into a folder holding another run's weights stops here,
+    before any slow work (one line naming the three ways on), unless the earlier run was a demo (re-running
+    the demo must cost nothing) or OVERWRITE_OUTPUT_DIR=True: then the earlier run's files and checkpoints
+    go first, so that neither RESUME_FROM=latest nor CHECKPOINTS_TOTAL_LIMIT ever mixes them with this
+    run's. Resuming a checkpoint of this folder continues the run it belongs to."""
+    found, settings = earlier_run(output_dir)
+    if not found or resume_path is not None and os.path.samefile(os.path.dirname(os.path.abspath(resume_path)),
+                                                                  output_dir):
+        return
+    if not (overwrite or settings.get("DEMO")):
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise UserError(f"OUTPUT_DIR={output_dir!r} holds another run's results ({shown}) — continue that run with "
+                        f"--RESUME_FROM=latest, write this one to a new --OUTPUT_DIR, or replace them with "
+                        f"--OVERWRITE_OUTPUT_DIR=True")
+    if is_main:
+        log(f"replacing the earlier {'demo ' * bool(settings.get('DEMO'))}run's results in {output_dir}")
+        name = settings.get("OUTPUT_NAME")
+        files = RUN_FILES + ((f"{name}.safetensors", f"{name}_emb.safetensors") if name else ())
+        for f in files:
+            if os.path.isfile(os.path.join(output_dir, f)):
+                os.remove(os.path.join(output_dir, f))
+        for folder in RUN_FOLDERS + tuple(os.path.basename(p) for _, p in list_checkpoints(output_dir)):
+            shutil.rmtree(os.path.join(output_dir, folder), ignore_errors=True)
+
+
 def checkpoint_config(path):
     """The settings of the run that wrote checkpoint `path` (a dict)."""
     with open(os.path.join(path, CONFIG_NAME)) as f:

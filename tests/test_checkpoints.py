@@ -78,6 +78,60 @@ def test_checkpoints_total_limit_keeps_the_newest_and_no_half_written_files(resu
     assert checkpoint_names(resume_runs["a"].out) == ["checkpoint-6", "checkpoint-9"]  # the last step is no checkpoint
 
 
+# ----------------------------------------------------------------------------- a folder is one run's
+def snapshot(folder):
+    """Every file under folder with its bytes' hash."""
+    import hashlib
+
+    return {os.path.relpath(os.path.join(root, n), folder): hashlib.sha256(open(os.path.join(root, n), "rb").read()).hexdigest()
+            for root, _, files in os.walk(folder) for n in files}
+
+
+def earlier_run_copy(resume_runs, tmp_path, **config):
+    """A copy of run A's folder (12 steps; checkpoint-6, checkpoint-9), its settings changed by config."""
+    import shutil
+
+    folder = tmp_path / "used"
+    shutil.copytree(resume_runs["a"].out, folder)
+    for path in [folder / "training_config.json"] + [folder / c / "training_config.json" for c in checkpoint_names(folder)]:
+        path.write_text(json.dumps(json.loads(path.read_text()) | config))
+    return str(folder)
+
+
+def test_a_new_run_into_another_runs_folder_stops_before_any_loading_and_changes_nothing(resume_runs, tmp_path):
+    used = earlier_run_copy(resume_runs, tmp_path)
+    before = snapshot(used)
+    argv = [a for a in resume_runs["argv"] if not a.startswith("--OUTPUT_DIR=")] + [f"--OUTPUT_DIR={used}"]
+    printed = io.StringIO()
+    with pytest.raises(UserError) as e, contextlib.redirect_stdout(printed):
+        lce.main(argv)
+    message = str(e.value)
+    assert "another run's results" in message and "\n" not in message
+    assert all(way in message for way in ("--RESUME_FROM=latest", "new --OUTPUT_DIR", "--OVERWRITE_OUTPUT_DIR=True"))
+    assert "trainable LoRA parameters" not in printed.getvalue()  # before the models
+    assert snapshot(used) == before
+
+
+def test_overwrite_replaces_the_earlier_run_and_the_limit_prunes_only_this_runs_checkpoints(resume_runs, tmp_path, tiny_args):
+    """The earlier run left checkpoint-6 and -9; this one checkpoints at 2 and 4 and keeps 2: by step number
+    alone, pruning would delete its own two and keep the earlier run's, which RESUME_FROM=latest would pick."""
+    used = earlier_run_copy(resume_runs, tmp_path)
+    run = run_main(tiny_args("--MAX_TRAIN_STEPS=5", "--CHECKPOINTING_STEPS=2", "--CHECKPOINTS_TOTAL_LIMIT=2", "--LOG_EVERY=1",
+                             "--OVERWRITE_OUTPUT_DIR=True", f"--OUTPUT_DIR={used}"))
+    assert "replacing the earlier run's results" in run.log
+    assert checkpoint_names(used) == ["checkpoint-2", "checkpoint-4"]
+    assert [r["step"] for r in metrics(used)] == [1, 2, 3, 4, 5]  # this run's lines only
+    assert resolve_resume("latest", used) == os.path.join(used, "checkpoint-4")
+
+
+def test_a_demo_run_is_replaced_without_asking(resume_runs, tmp_path, tiny_args):
+    used = earlier_run_copy(resume_runs, tmp_path, DEMO=True)  # as if the folder held the demo's results
+    run = run_main(tiny_args("--MAX_TRAIN_STEPS=1", f"--OUTPUT_DIR={used}"))
+    assert "replacing the earlier demo run's results" in run.log
+    assert checkpoint_names(used) == [] and [r["step"] for r in metrics(used)] == [1]  # this run's one step
+    assert json.loads(open(os.path.join(used, "training_config.json")).read())["MAX_TRAIN_STEPS"] == 1
+
+
 def test_checkpoint_folder_is_readable_by_plain_tools(resume_runs, tiny_model_dir):
     ckpt = os.path.join(resume_runs["a"].out, "checkpoint-9")
     assert {"pytorch_lora_weights.safetensors", "training_config.json", "training_state.pt"} <= set(os.listdir(ckpt))

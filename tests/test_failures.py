@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import lora_complete_example as lce
 from conftest import REPO_ROOT, SCRIPT, run_as_main
@@ -38,19 +37,22 @@ def file_bytes(folder):
 
 @pytest.fixture(scope="module")
 def failing_runs(tmp_path_factory, tiny_args):
-    """Two tiny runs of the script as __main__ (conftest.run_as_main): one at LEARNING_RATE=1e30 into a
-    folder that already holds a good adapter, its config and a checkpoint; one whose loss raises CUDA's
-    out-of-memory error (the script does `from torch.nn.functional import mse_loss`, so patching it
-    before the script starts reaches the step)."""
+    """Three tiny runs of the script as __main__ (conftest.run_as_main): a good one (4 steps, checkpoint-3);
+    its continuation (RESUME_FROM=latest, 10 steps) whose loss turns NaN, as a learning rate far too high
+    makes it (the script does `from torch.nn.functional import mse_loss`, so patching it before the script
+    starts reaches the step); one whose loss raises CUDA's out-of-memory error."""
     out = tmp_path_factory.mktemp("diverge") / "out"
-    (out / "checkpoint-3").mkdir(parents=True)
-    save_file({"unet.known": torch.arange(6, dtype=torch.float32)}, str(out / lce.WEIGHTS_NAME))
-    (out / "training_config.json").write_text('{"from": "an earlier good run"}\n')
-    for name in ("pytorch_lora_weights.safetensors", "training_state.pt", "training_config.json"):
-        (out / "checkpoint-3" / name).write_bytes(b"earlier " + name.encode())
-    before = file_bytes(str(out))
-    diverge = run_as_main(SCRIPT, *tiny_args("--MAX_TRAIN_STEPS=10", "--LEARNING_RATE=1e30", "--CHECKPOINTING_STEPS=None",
-                                             f"--OUTPUT_DIR={out}"))
+    run_as_main(SCRIPT, *tiny_args("--MAX_TRAIN_STEPS=4", "--CHECKPOINTING_STEPS=3", f"--OUTPUT_DIR={out}"))
+    before = {k: v for k, v in file_bytes(str(out)).items() if k.endswith((".safetensors", ".pt", ".json"))}
+    assert lce.WEIGHTS_NAME in before and os.path.join("checkpoint-3", "training_state.pt") in before
+
+    def diverged(prediction, target, reduction="mean"):
+        return (prediction - target) ** 2 * float("nan")  # (reduction="none", as the script asks)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "mse_loss", diverged)
+        diverge = run_as_main(SCRIPT, *tiny_args("--MAX_TRAIN_STEPS=10", "--CHECKPOINTING_STEPS=3", "--RESUME_FROM=latest",
+                                                 f"--OUTPUT_DIR={out}"))
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -70,6 +72,7 @@ def test_divergence_exits_2_with_one_error_line_naming_learning_rate(failing_run
 
 @pytest.mark.xdist_group("failures")
 def test_divergence_leaves_existing_weights_and_checkpoints_byte_identical(failing_runs):
+    """The continuation diverged at its first step: the good run's files are as they were."""
     after = file_bytes(failing_runs["out"])
     for name, data in failing_runs["before"].items():
         assert after.get(name) == data, f"{name} was changed or removed by the failed run"
