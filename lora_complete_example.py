@@ -94,6 +94,7 @@ RESOLUTION = None  # training size in pixels, a multiple of 8; None = the model'
 CENTER_CROP = True  # True = center crop after resizing; False = random crop (needs CACHE_LATENTS=False)
 RANDOM_FLIP = True  # random horizontal flips (a cheap 2x augmentation)
 CACHE_LATENTS = True  # encode every image and caption once, before training (the encoders are frozen)
+CAPTION_DROPOUT = 0.0  # chance an example trains with the empty caption (SD 1.5 itself was trained with 0.1)
 DATALOADER_NUM_WORKERS = None  # image-decoding processes; None = 0 with the cache, else min(4, cores - 1)
 # lora
 LORA_RANK = 4  # r: rank of B·A; 4-16 is typical, higher = more capacity and a bigger file
@@ -506,15 +507,27 @@ def tokenize(tokenizers, captions):
                             truncation=True, return_tensors="pt").input_ids for tok in tokenizers], dim=1)
 
 
+def caption_dropped(seed, p):
+    """Caption dropout: whether an example trains with the empty caption this time, with probability p
+    (CAPTION_DROPOUT), drawn from the example's own seed for this epoch (EpochShuffle's), so a resumed
+    run and any split over GPUs drop the same ones. Classifier-free guidance subtracts the model's
+    prediction for the empty prompt (tutorial 3.8); trained on captions only, that prediction drifts."""
+    if seed is None or not p:
+        return False
+    return torch.rand((), generator=torch.Generator().manual_seed(seed ^ 0xD809)).item() < p  # not the noise's seed
+
+
 class CaptionedImages(torch.utils.data.Dataset):
-    """Item (i, flip, seed): pixels in [-1, 1] (3, R, R), mirrored if flip; token ids (n_encoders, 77); the
+    """Item (i, flip, seed): pixels in [-1, 1] (3, R, R), mirrored if flip; token ids (n_encoders, 77), the
+    empty caption's if it is dropped (CAPTION_DROPOUT; empty_ids: tokenize(tokenizers, [""])[0]); the
     picture's size and crop, (6,): original height, width, crop top, left (in the resized picture), target
     height, width (SDXL's micro-conditioning; SD 1.x ignores it); the example's random seed for this epoch;
-    its weight in the loss (1)."""
+    its weight in the loss (1). Seed None (caching) drops no caption."""
 
-    def __init__(self, images, input_ids, cfg):
-        self.images, self.input_ids = images, input_ids
-        self.size, self.center_crop = cfg.RESOLUTION, cfg.CENTER_CROP
+    def __init__(self, images, input_ids, cfg, empty_ids=None):
+        self.images, self.input_ids, self.empty_ids = images, input_ids, empty_ids
+        self.size, self.center_crop, self.caption_dropout = cfg.RESOLUTION, cfg.CENTER_CROP, cfg.CAPTION_DROPOUT
+        assert empty_ids is not None or not self.caption_dropout, "caption dropout needs the empty caption's ids"
 
     def __len__(self):
         return len(self.input_ids)
@@ -533,29 +546,35 @@ class CaptionedImages(torch.utils.data.Dataset):
         pixels = tvf.normalize(pixels, [0.5], [0.5])  # -> [-1, 1], the range the VAE was trained on
         if flip:  # the mirror image, and where its crop sits in the mirrored picture
             pixels, left = pixels.flip(-1), img.width - left - R
-        return {"pixel_values": pixels, "input_ids": self.input_ids[i], "seed": seed,
+        dropped = caption_dropped(seed, self.caption_dropout)
+        return {"pixel_values": pixels, "input_ids": self.empty_ids if dropped else self.input_ids[i], "seed": seed,
                 "time_ids": torch.tensor([h, w, top, left, R, R], dtype=torch.float32),
-                "loss_weight": torch.tensor(1.0)}
+                "caption_dropped": torch.tensor(dropped), "loss_weight": torch.tensor(1.0)}
 
 
 class CachedLatents(torch.utils.data.Dataset):
     """Item (i, flip, seed): the VAE posterior (mean, std) of image i (4, R/8, R/8), of its mirror
     image if flip, with that view's size and crop, and its caption's text conditioning (or its token
-    ids, when a text encoder trains). z0 is still sampled from the posterior at every step (compute_loss)."""
+    ids, when a text encoder trains); a dropped caption's is the empty caption's, their last row. z0 is
+    still sampled from the posterior at every step (compute_loss)."""
 
-    def __init__(self, mean, std, time_ids, text, input_ids):
+    def __init__(self, mean, std, time_ids, text, input_ids, caption_dropout=0.0):
         self.mean, self.std, self.time_ids = mean, std, time_ids  # (N, 1 or 2 views, ...)
-        self.text, self.input_ids = text, input_ids  # text: {name: (N, ...)} or None
+        self.text, self.input_ids = text, input_ids  # text: {name: (N [+ 1], ...)} or None
+        self.caption_dropout = caption_dropout
 
     def __len__(self):
         return len(self.mean)
 
     def __getitem__(self, item):
         i, flip, seed = item if isinstance(item, tuple) else (item, False, 0)
-        text = {k: v[i] for k, v in self.text.items()} if self.text else {"input_ids": self.input_ids[i]}
+        dropped = caption_dropped(seed, self.caption_dropout)
+        row = -1 if dropped else i  # the empty caption is the last row
+        text = {k: v[row] for k, v in self.text.items()} if self.text else {"input_ids": self.input_ids[row]}
         view = int(flip)  # view 1 = the mirrored image
         return {"latent_mean": self.mean[i, view], "latent_std": self.std[i, view], **text, "seed": seed,
-                "time_ids": self.time_ids[i, view], "loss_weight": torch.tensor(1.0)}
+                "time_ids": self.time_ids[i, view], "caption_dropped": torch.tensor(dropped),
+                "loss_weight": torch.tensor(1.0)}
 
 
 @torch.no_grad()
@@ -589,7 +608,7 @@ def cache_latents(dataset, sd, cfg, show_progress=True):
     views = []  # per view: posterior means, stds, size-and-crop ids
     texts = []
     for flip in [False, True] if cfg.RANDOM_FLIP else [False]:
-        picks = [(i, flip, 0) for i in range(len(dataset))]  # (index, flip, seed): every picture, in order
+        picks = [(i, flip, None) for i in range(len(dataset))]  # (index, flip, no seed): every picture, in order
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=picks,
                                              num_workers=workers, collate_fn=collate)
         means, stds, ids = [], [], []
@@ -606,9 +625,15 @@ def cache_latents(dataset, sd, cfg, show_progress=True):
                 texts.append({k: v.cpu() for k, v in text.items()})
         views.append((torch.cat(means), torch.cat(stds), torch.cat(ids)))
     mean, std, time_ids = (torch.stack(parts, 1) for parts in zip(*views))  # (N, views, ...)
+    input_ids = dataset.input_ids
+    if dataset.caption_dropout:  # the empty caption, encoded once, as the last row (SDXL's: zeros)
+        input_ids = torch.cat([input_ids, dataset.empty_ids[None]])
+        if texts:
+            text = encode_prompt(sd.family, sd.text_encoders, dataset.empty_ids[None], dropped=torch.tensor([True]))
+            texts.append({k: v.cpu() for k, v in text.items()})
     text = {k: torch.cat([t[k] for t in texts]) for k in texts[0]} if texts else None  # e.g. (N, 77, d)
     # not pinned: the DataLoader collates a new tensor per batch and pins that one (pin_memory=True)
-    return CachedLatents(mean, std, time_ids, text, dataset.input_ids)
+    return CachedLatents(mean, std, time_ids, text, input_ids, dataset.caption_dropout)
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -681,7 +706,7 @@ def compute_loss(batch, sd, snr_gamma=None, noise_offset=0.0):
     else:
         mean, std = encode_images(sd.vae, batch["pixel_values"])
     if "input_ids" in batch:  # a trained text encoder: encode the prompt now
-        text = encode_prompt(sd.family, sd.text_encoders, batch["input_ids"])
+        text = encode_prompt(sd.family, sd.text_encoders, batch["input_ids"], batch.get("caption_dropped"))
     else:  # cached: the batch holds the prompt's encoding
         text = batch
     T = sd.noise_scheduler.config.num_train_timesteps
@@ -1253,7 +1278,7 @@ def main(argv):
         sd.unet.enable_gradient_checkpointing()
 
     # --- 5. encode the data once --------------------------------------------------------
-    dataset = CaptionedImages(images, tokenize(sd.tokenizers, captions), cfg)
+    dataset = CaptionedImages(images, tokenize(sd.tokenizers, captions), cfg, tokenize(sd.tokenizers, [""])[0])
     if cfg.CACHE_LATENTS:
         dataset = cache_latents(dataset, sd, cfg, show_progress=accelerator.is_local_main_process)
         sd.vae = None  # done with the frozen encoders: free their memory for the UNet

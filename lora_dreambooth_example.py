@@ -264,10 +264,11 @@ def main(argv):
         sd.unet.enable_gradient_checkpointing()
 
     # --- 5. encode the data once: the subject's pictures, and the class pictures ---------
-    dataset = lce.CaptionedImages(images, lce.tokenize(sd.tokenizers, encoder_prompts(cfg, captions)), cfg)
+    empty_ids = lce.tokenize(sd.tokenizers, [""])[0]  # (CAPTION_DROPOUT)
+    dataset = lce.CaptionedImages(images, lce.tokenize(sd.tokenizers, encoder_prompts(cfg, captions)), cfg, empty_ids)
     if class_paths:
         class_ids = lce.tokenize(sd.tokenizers, [cfg.CLASS_PROMPT] * len(class_paths))
-        class_dataset = lce.CaptionedImages(class_paths, class_ids, cfg)
+        class_dataset = lce.CaptionedImages(class_paths, class_ids, cfg, empty_ids)
     if cfg.CACHE_LATENTS:
         if cfg.NEW_TOKEN:
             print0(f"note: only latents are cached: a prompt holding {cfg.NEW_TOKEN!r} has no fixed text "

@@ -104,25 +104,23 @@ def native_resolution(model_id, revision=None):
     return unet.get("sample_size", 64) * 2 ** (len(vae.get("block_out_channels", (0, 0, 0, 0))) - 1)
 
 
-def encode_prompt(family, text_encoders, input_ids):
+def encode_prompt(family, text_encoders, input_ids, dropped=None):
     """τθ(y): token ids (B, n_encoders, 77) -> the UNet's text conditioning, a dict of tensors per example.
     SD 1.x/2.x: the text encoder's last hidden states, (B, 77, d), what cross-attention reads. SDXL: each
     encoder's penultimate hidden states, CLIP-L's first, concatenated (B, 77, 768 + 1280), and bigG's
-    pooled, projected embedding (B, 1280), as StableDiffusionXLPipeline.encode_prompt makes them."""
+    pooled, projected embedding (B, 1280), as StableDiffusionXLPipeline.encode_prompt makes them.
+    dropped (B,) bool: the examples whose caption was dropped (their ids are the empty caption's); SDXL
+    pipelines encode an empty prompt as zeros (force_zeros_for_empty_prompt), so these become zeros."""
     hidden, pooled = [], None
     for i, te in enumerate(text_encoders):
         out = te(input_ids[:, i].to(te.device), output_hidden_states=family.penultimate)
         hidden.append(out.hidden_states[-2] if family.penultimate else out[0])
         if family.pooled and out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
             pooled = out[0]
-    text = {"encoder_hidden_states": torch.cat(hidden, dim=-1)}
-    return text | ({"text_embeds": pooled} if family.pooled else {})
-
-
-def empty_prompt(family, text):
-    """The encoding of an empty caption: SDXL pipelines use zeros for it (force_zeros_for_empty_prompt),
-    SD 1.x/2.x the encoding of "" (`text`, that encoding)."""
-    return {k: torch.zeros_like(v) for k, v in text.items()} if family.pooled else text
+    text = {"encoder_hidden_states": torch.cat(hidden, dim=-1)} | ({"text_embeds": pooled} if family.pooled else {})
+    if family.pooled and dropped is not None and dropped.any():
+        text = {k: v * ~dropped.to(v.device).view(-1, *[1] * (v.ndim - 1)) for k, v in text.items()}
+    return text
 
 
 def unet_conditioning(text, batch):

@@ -50,9 +50,11 @@ def metrics(folder):
 def resume_runs(tmp_path_factory, tiny_args):
     """A: 12 steps, a checkpoint every 3, the newest 2 kept (6 and 9); 8 images, BATCH_SIZE=3 and
     GRADIENT_ACCUMULATION_STEPS=2 make 2 optimizer steps an epoch (the second on one micro-batch), so
-    step 9 is mid-epoch. Then RESUME_FROM=latest in A's own folder: it continues from checkpoint-9."""
+    step 9 is mid-epoch; a third of the captions dropped (CAPTION_DROPOUT). Then RESUME_FROM=latest in A's
+    own folder: it continues from checkpoint-9."""
     root = tmp_path_factory.mktemp("resume")
-    argv = tiny_args("--BATCH_SIZE=3", "--GRADIENT_ACCUMULATION_STEPS=2", "--LORA_DROPOUT=0.1", "--MAX_TRAIN_STEPS=12",
+    argv = tiny_args("--BATCH_SIZE=3", "--GRADIENT_ACCUMULATION_STEPS=2", "--LORA_DROPOUT=0.1", "--CAPTION_DROPOUT=0.3",
+                     "--MAX_TRAIN_STEPS=12",
                      "--CHECKPOINTING_STEPS=3", "--CHECKPOINTS_TOTAL_LIMIT=2", "--LOG_EVERY=1", f"--OUTPUT_DIR={root / 'A'}")
     a = run_main(argv)
     after_a = dict(checkpoints=checkpoint_names(a.out), leftovers=leftovers(a.out), weights=lora_weights(a.out),

@@ -8,7 +8,7 @@ the only difference between them is the noise and timesteps they draw.
   one    one process (in this process) with batches of 2: each step the same two examples, with the
          same seeds, as the two processes' batches of 1 together
   two_xl, one_xl   the same comparison on the tiny SDXL-shaped pipeline (pooled prompt and size/crop ids
-         travel with each example)
+         travel with each example), half the captions dropped
 
 torch.compile gets its eager backend (a driver patches it before the script starts): the same
 OptimizedModule wrapper as inductor, whose C++ build of the tiny UNet took 13 minutes on this CPU.
@@ -49,7 +49,7 @@ def runs(tmp_path_factory, tiny_model_dir, xl_model):
                            "    print(f'torch.compile({type(model).__name__})', flush=True)\n"
                            "    return _compile(model, backend='eager')\n"
                            "torch.compile = compile_eager")
-    xl_args = [f"--MODEL_ID={xl_model}", *args[1:], "--MAX_TRAIN_STEPS=2"]
+    xl_args = [f"--MODEL_ID={xl_model}", *args[1:], "--MAX_TRAIN_STEPS=2", "--CAPTION_DROPOUT=0.5"]
     two = start_script(*args, "--COMPILE=True", f"--OUTPUT_DIR={root / 'two'}", program=driver, launch=True)
     one = run_main(args + ["--BATCH_SIZE=2", f"--OUTPUT_DIR={root / 'one'}"])  # here, while the two processes start
     two = finish(two)

@@ -157,6 +157,31 @@ def test_cached_and_uncached_paths_give_the_same_loss(xl_models):
         assert (lce.compute_loss(moved, sd) - lce.compute_loss(batch, sd)).abs().max() > 1e-6  # the UNet reads it
 
 
+def test_a_dropped_caption_is_sdxls_empty_prompt_zeros_cached_or_not(xl_models):
+    """CAPTION_DROPOUT on SDXL: a dropped caption trains with zeros for both the hidden states and the pooled
+    vector (what SDXL pipelines use for an empty prompt), on the cached and the per-step path alike."""
+    cfg, sd = xl_models
+    cfg = cfg.replace(CAPTION_DROPOUT=0.5)
+    images, captions = lce.load_captioned_images(cfg, show_progress=False)
+    ds = lce.CaptionedImages(images, lce.tokenize(sd.tokenizers, captions), cfg, lce.tokenize(sd.tokenizers, [""])[0])
+    cached = lce.cache_latents(ds, sd, cfg, show_progress=False)
+    seeds = range(100, 140)
+    dropped = [s for s in seeds if lce.caption_dropped(s, 0.5)][:2]
+    kept = [s for s in seeds if not lce.caption_dropped(s, 0.5)][:2]
+    picks = [(1, False, dropped[0]), (4, True, kept[0]), (6, False, dropped[1]), (2, False, kept[1])]
+    batch = collate_items(cached, picks)
+    assert batch["caption_dropped"].tolist() == [True, False, True, False]
+    for k in ("encoder_hidden_states", "text_embeds"):
+        assert batch[k][[0, 2]].abs().max() == 0 and batch[k][[1, 3]].abs().max() > 0
+    with torch.no_grad():
+        loss = lce.compute_loss(batch, sd)
+        torch.testing.assert_close(loss, lce.compute_loss(collate_items(ds, picks), sd), rtol=1e-5, atol=1e-7)
+        undropped = collate_items(lce.CachedLatents(cached.mean, cached.std, cached.time_ids,
+                                                    {k: v[:-1] for k, v in cached.text.items()}, None), picks)
+        change = (lce.compute_loss(undropped, sd) - loss).abs()
+    assert change[[0, 2]].min() > 1e-6 and change[[1, 3]].max() == 0  # only the dropped ones trained otherwise
+
+
 def test_a_vae_that_gives_nan_latents_is_one_line_at_caching(xl_model, tiny_data_dir, tmp_path):
     import shutil
 

@@ -193,6 +193,40 @@ def test_gradient_accumulation_gives_the_update_of_the_larger_batch(batch_splits
     assert max(maxdiff(v, 0) for v in ref_w.values()) > 1e-3  # they trained
 
 
+# ----------------------------------------------------------------------------- caption dropout
+def dropped_in_epoch(epoch, p, n=8, seed=42):
+    sampler = lce.EpochShuffle(n, seed, random_flip=True)
+    sampler.set_epoch(epoch)
+    return {i: lce.caption_dropped(example_seed, p) for i, _, example_seed in sampler}
+
+
+def test_caption_dropout_drops_p_of_the_examples_afresh_each_epoch_and_the_same_on_a_resume():
+    draws = [d for epoch in range(500) for d in dropped_in_epoch(epoch, 0.1).values()]
+    assert 0.085 < sum(draws) / len(draws) < 0.115  # 4,000 draws of p = 0.1: three standard deviations
+    assert dropped_in_epoch(7, 0.1) == dropped_in_epoch(7, 0.1)  # a pure function of (SEED, epoch): resume
+    assert len({tuple(dropped_in_epoch(e, 0.5).values()) for e in range(10)}) > 5  # fresh each epoch
+    assert not any(dropped_in_epoch(3, 0.0).values())
+
+
+def test_a_dropped_caption_trains_with_the_empty_captions_encoding_made_once(make_cfg, load_tiny):
+    cfg = make_cfg("--CAPTION_DROPOUT=0.5")
+    sd = load_tiny(cfg)
+    images, captions = lce.load_captioned_images(cfg, show_progress=False)
+    empty_ids = lce.tokenize(sd.tokenizers, [""])[0]
+    ds = lce.CaptionedImages(images, lce.tokenize(sd.tokenizers, captions), cfg, empty_ids)
+    cached = lce.cache_latents(ds, sd, cfg, show_progress=False)
+    with torch.no_grad():
+        every = lce.encode_prompt(sd.family, sd.text_encoders, lce.tokenize(sd.tokenizers, list(captions) + [""]))
+    torch.testing.assert_close(cached.text["encoder_hidden_states"], every["encoder_hidden_states"])  # none dropped at caching
+    seeds = range(200, 240)
+    dropped = next(s for s in seeds if lce.caption_dropped(s, 0.5))
+    kept = next(s for s in seeds if not lce.caption_dropped(s, 0.5))
+    assert torch.equal(cached[(3, False, dropped)]["encoder_hidden_states"], every["encoder_hidden_states"][-1])
+    assert torch.equal(cached[(3, False, kept)]["encoder_hidden_states"], every["encoder_hidden_states"][3])
+    assert torch.equal(ds[(3, False, dropped)]["input_ids"], empty_ids) and ds[(3, False, dropped)]["caption_dropped"]
+    assert torch.equal(ds[(3, False, kept)]["input_ids"], ds.input_ids[3])
+
+
 # ----------------------------------------------------------------------------- frozen = untouched, in the loop
 def test_every_frozen_tensor_is_bit_identical_after_the_training_loop(make_cfg, load_tiny, tiny_model_dir):
     """Three optimizer steps of the real loop (lce.train on a run built by the functions main uses), the
