@@ -334,7 +334,8 @@ def load_captioned_images(cfg, show_progress=True, captions_needed=True):
         more = ", ..." if len(skipped) > 3 else ""
         print0(f"skipped {len(skipped)} unreadable image(s) of {n}: {', '.join(skipped[:3])}{more}; "
                f"training on {len(kept)}")
-    return [images[i] for i in kept], [captions[i] for i in kept]
+    images = images.select(kept) if isinstance(images, HubImages) else [images[i] for i in kept]  # (lazy)
+    return images, [captions[i] for i in kept]
 
 
 # =============================================================================

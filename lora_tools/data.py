@@ -115,13 +115,20 @@ def read_folder(folder, caption_column=None, log=print, captions_needed=True):
 
 
 class HubImages:
-    """Lazy view of a `datasets` dataset's image column: decodes one row at a time."""
+    """Lazy view of a `datasets` dataset's image column: decodes one row when asked, so memory does not
+    grow with the number of images (the Arrow table itself is memory-mapped from the cache on disk).
+    rows: which rows, in order (e.g. those whose image could be read); None = all."""
 
-    def __init__(self, dataset, column):
-        self.dataset, self.column = dataset, column
+    def __init__(self, dataset, column, rows=None):
+        self.dataset, self.column = dataset.select_columns([column]), column
+        self.rows = list(range(len(dataset))) if rows is None else list(rows)
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.rows)
 
     def __getitem__(self, i):
-        return self.dataset[int(i)][self.column]
+        return self.dataset[self.rows[int(i)]][self.column]
+
+    def select(self, kept):
+        """The view of only these items (indices into this view)."""
+        return HubImages(self.dataset, self.column, [self.rows[i] for i in kept])
