@@ -317,8 +317,12 @@ def load_captioned_images(cfg, show_progress=True, captions_needed=True):
                                       "CAPTION_COLUMN")
             captions = [str(c or "") for c in ds[caption_col]]
     n = len(captions) if cfg.MAX_TRAIN_SAMPLES is None else min(cfg.MAX_TRAIN_SAMPLES, len(captions))
-    kept, skipped = [], []
+    kept, skipped, readable = [], [], {}
     for i in tqdm(range(n), desc="checking images", disable=not show_progress):
+        if isinstance(images, list) and images[i] in readable:  # a file listed again (kohya's repeats)
+            if readable[images[i]]:
+                kept.append(i)
+            continue
         try:
             img = images[i]
             open_image(img) if isinstance(img, str) else img.load()
@@ -326,6 +330,8 @@ def load_captioned_images(cfg, show_progress=True, captions_needed=True):
         except Exception as e:  # truncated, corrupt, or not an image at all: skip it, say which
             name = images[i] if isinstance(images, list) else f"row {i} of {cfg.DATASET_NAME}"
             skipped.append(f"{name} ({type(e).__name__})")
+        if isinstance(images, list):
+            readable[images[i]] = kept[-1:] == [i]
     where = cfg.DATA_DIR or cfg.DATASET_NAME
     if not kept:
         raise UserError(f"none of the {n} images in {where!r} could be read ({', '.join(skipped[:3])}) — "
@@ -557,24 +563,27 @@ class CachedLatents(torch.utils.data.Dataset):
     """Item (i, flip, seed): the VAE posterior (mean, std) of image i (4, R/8, R/8), of its mirror
     image if flip, with that view's size and crop, and its caption's text conditioning (or its token
     ids, when a text encoder trains); a dropped caption's is the empty caption's, their last row. z0 is
-    still sampled from the posterior at every step (compute_loss)."""
+    still sampled from the posterior at every step (compute_loss). rows: example i's row of the cache (a
+    picture listed several times is cached once); None = row i."""
 
-    def __init__(self, mean, std, time_ids, text, input_ids, caption_dropout=0.0):
-        self.mean, self.std, self.time_ids = mean, std, time_ids  # (N, 1 or 2 views, ...)
-        self.text, self.input_ids = text, input_ids  # text: {name: (N [+ 1], ...)} or None
+    def __init__(self, mean, std, time_ids, text, input_ids, caption_dropout=0.0, rows=None):
+        self.mean, self.std, self.time_ids = mean, std, time_ids  # (rows, 1 or 2 views, ...)
+        self.text, self.input_ids = text, input_ids  # text: {name: (rows [+ 1], ...)} or None
         self.caption_dropout = caption_dropout
+        self.rows = torch.arange(len(mean)) if rows is None else rows
 
     def __len__(self):
-        return len(self.mean)
+        return len(self.rows)
 
     def __getitem__(self, item):
         i, flip, seed = item if isinstance(item, tuple) else (item, False, 0)
+        r = self.rows[i]
         dropped = caption_dropped(seed, self.caption_dropout)
-        row = -1 if dropped else i  # the empty caption is the last row
-        text = {k: v[row] for k, v in self.text.items()} if self.text else {"input_ids": self.input_ids[row]}
+        text_row = -1 if dropped else r  # the empty caption is the last row
+        text = {k: v[text_row] for k, v in self.text.items()} if self.text else {"input_ids": self.input_ids[text_row]}
         view = int(flip)  # view 1 = the mirrored image
-        return {"latent_mean": self.mean[i, view], "latent_std": self.std[i, view], **text, "seed": seed,
-                "time_ids": self.time_ids[i, view], "caption_dropped": torch.tensor(dropped),
+        return {"latent_mean": self.mean[r, view], "latent_std": self.std[r, view], **text, "seed": seed,
+                "time_ids": self.time_ids[r, view], "caption_dropped": torch.tensor(dropped),
                 "loss_weight": torch.tensor(1.0)}
 
 
@@ -604,12 +613,20 @@ def collate(items):
 
 @torch.no_grad()
 def cache_latents(dataset, sd, cfg, show_progress=True):
-    """Run the frozen encoders once over the data: each picture, and its mirror image when RANDOM_FLIP."""
+    """Run the frozen encoders once over the data: each picture, and its mirror image when RANDOM_FLIP.
+    A file listed several times (kohya's <repeats>_<name>/ folders) is encoded and kept once."""
     workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+    images = dataset.images if isinstance(dataset.images, list) else range(len(dataset))
+    keys = [img if isinstance(img, str) else i for i, img in enumerate(images)]
+    row_of, firsts = {}, []  # each picture's row in the cache, and the first example showing it
+    for i, key in enumerate(keys):
+        if key not in row_of:
+            row_of[key] = len(firsts)
+            firsts.append(i)
     views = []  # per view: posterior means, stds, size-and-crop ids
     texts = []
     for flip in [False, True] if cfg.RANDOM_FLIP else [False]:
-        picks = [(i, flip, None) for i in range(len(dataset))]  # (index, flip, no seed): every picture, in order
+        picks = [(i, flip, None) for i in firsts]  # (index, flip, no seed): every picture once, in order
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=picks,
                                              num_workers=workers, collate_fn=collate)
         means, stds, ids = [], [], []
@@ -626,7 +643,7 @@ def cache_latents(dataset, sd, cfg, show_progress=True):
                 texts.append({k: v.cpu() for k, v in text.items()})
         views.append((torch.cat(means), torch.cat(stds), torch.cat(ids)))
     mean, std, time_ids = (torch.stack(parts, 1) for parts in zip(*views))  # (N, views, ...)
-    input_ids = dataset.input_ids
+    input_ids = dataset.input_ids[firsts]
     if dataset.caption_dropout:  # the empty caption, encoded once, as the last row (SDXL's: zeros)
         input_ids = torch.cat([input_ids, dataset.empty_ids[None]])
         if texts:
@@ -634,7 +651,8 @@ def cache_latents(dataset, sd, cfg, show_progress=True):
             texts.append({k: v.cpu() for k, v in text.items()})
     text = {k: torch.cat([t[k] for t in texts]) for k in texts[0]} if texts else None  # e.g. (N, 77, d)
     # not pinned: the DataLoader collates a new tensor per batch and pins that one (pin_memory=True)
-    return CachedLatents(mean, std, time_ids, text, input_ids, dataset.caption_dropout)
+    rows = torch.tensor([row_of[key] for key in keys])
+    return CachedLatents(mean, std, time_ids, text, input_ids, dataset.caption_dropout, rows)
 
 
 class EpochShuffle(torch.utils.data.Sampler):

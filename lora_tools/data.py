@@ -7,6 +7,7 @@
 import csv
 import json
 import os
+import re
 
 from .config import UserError
 
@@ -72,9 +73,14 @@ def pick_column(columns, wanted, guesses, what, setting):
     raise UserError(f"could not tell which column holds the {what}; the columns are {sorted(columns)} — set --{setting}=<one of them>")
 
 
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's "<repeats>_<name>": train each image <repeats> times an epoch
+
+
 def read_folder(folder, caption_column=None, log=print, captions_needed=True):
-    """[(image_path, caption)] for a local folder, sorted by path. Non-image files are ignored;
-    images without a caption train with an empty one, said in one line (not said when
+    """[(image_path, caption)] for a local folder, sorted by path, one record per example of an epoch:
+    an image in a kohya-style subfolder `<repeats>_<name>/` (e.g. 10_dog/) appears <repeats> times.
+    Captions come from metadata.jsonl/.csv, else a same-name .txt or .caption file (kohya's two). Non-image
+    files are ignored; images without a caption train with an empty one, said in one line (not said when
     captions_needed=False: with INSTANCE_PROMPT a folder of bare images is the usual case)."""
     if not os.path.isdir(folder):
         raise UserError(f"DATA_DIR={folder!r} is not a folder — point --DATA_DIR at a folder of images")
@@ -87,7 +93,7 @@ def read_folder(folder, caption_column=None, log=print, captions_needed=True):
         cap_col = pick_column(columns - {"file_name"}, caption_column, CAPTION_COLUMN_GUESSES, "captions", "CAPTION_COLUMN")
         for r in rows:
             captions[os.path.normpath(os.path.join(folder, r["file_name"]))] = str(r.get(cap_col) or "")
-    records, uncaptioned = [], []
+    records, uncaptioned, kohya_folders = [], [], {}
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.normpath(os.path.join(root, name))
@@ -96,16 +102,23 @@ def read_folder(folder, caption_column=None, log=print, captions_needed=True):
             if path in captions:
                 caption = captions[path]
             else:
-                txt = os.path.splitext(path)[0] + ".txt"
                 caption = None
-                if os.path.isfile(txt):
-                    with open(txt, encoding="utf-8") as f:
-                        caption = f.read().strip()
+                for ext in (".txt", ".caption"):
+                    if caption is None and os.path.isfile(os.path.splitext(path)[0] + ext):
+                        with open(os.path.splitext(path)[0] + ext, encoding="utf-8") as f:
+                            caption = f.read().strip()
             if not caption:
                 uncaptioned.append(os.path.relpath(path, folder))
                 caption = ""
-            records.append((path, caption))
+            top = os.path.relpath(path, folder).split(os.sep)[0]
+            kohya = KOHYA_FOLDER.match(top) if top != os.path.relpath(path, folder) else None
+            if kohya:
+                kohya_folders.setdefault(top, []).append(path)
+            records += [(path, caption)] * (int(kohya.group(1)) if kohya else 1)
     records.sort()
+    if kohya_folders:
+        log("kohya-style folders <repeats>_<name>, each image trained <repeats> times an epoch: " + ", ".join(
+            f"{name} ({len(paths)} x {KOHYA_FOLDER.match(name).group(1)})" for name, paths in sorted(kohya_folders.items())))
     if uncaptioned and captions_needed:
         names = ", ".join(sorted(uncaptioned)[:3]) + (f" and {len(uncaptioned) - 3} more" if len(uncaptioned) > 3 else "")
         log(f"note: {len(uncaptioned)} image(s) in {folder} have no caption and train with an empty one: {names}")

@@ -216,6 +216,34 @@ def test_images_without_caption_train_with_an_empty_one_said_in_one_line(tmp_pat
     assert item["pixel_values"].shape == (3, 64, 64) and item["input_ids"].shape == (1, 77)  # one text encoder
 
 
+def test_a_kohya_dataset_trains_unchanged_each_image_repeats_times_and_cached_once(tmp_path, make_cfg, load_tiny, capsys):
+    """kohya's layout: <repeats>_<name>/ subfolders and .caption files. 10_dog/ holds two pictures with
+    .caption files, 2_cat/ one with a .txt, and one picture sits at the top level (once)."""
+    from tiny import make_shape_image
+
+    for sub, name, colour, ext in (("10_dog", "d1", "red", ".caption"), ("10_dog", "d2", "green", ".caption"),
+                                   ("2_cat", "c1", "blue", ".txt"), (".", "top", "yellow", ".txt")):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        make_shape_image(colour, "circle", "red" if colour == "yellow" else "yellow").save(tmp_path / sub / f"{name}.png")
+        (tmp_path / sub / f"{name}{ext}").write_text(f"{name}, a {colour} circle")
+    cfg = make_cfg(f"--DATA_DIR={tmp_path}", "--CAPTION_DROPOUT=0.0")
+    images, captions = lce.load_captioned_images(cfg, show_progress=False)
+    count = {name: sum(os.path.basename(p) == f"{name}.png" for p in images) for name in ("d1", "d2", "c1", "top")}
+    assert count == {"d1": 10, "d2": 10, "c1": 2, "top": 1} and len(images) == len(captions) == 23
+    assert {c for p, c in zip(images, captions) if p.endswith("d1.png")} == {"d1, a red circle"}  # from d1.caption
+    assert "kohya-style folders <repeats>_<name>, each image trained <repeats> times an epoch: 10_dog (2 x 10), 2_cat (1 x 2)" \
+        in capsys.readouterr().out
+    sd = load_tiny(cfg)
+    cached = lce.cache_latents(lce.CaptionedImages(images, lce.tokenize(sd.tokenizers, captions), cfg), sd, cfg,
+                               show_progress=False)
+    assert len(cached) == 23 and cached.mean.shape[0] == 4  # 23 examples an epoch, 4 pictures encoded
+    d1 = [i for i, p in enumerate(images) if p.endswith("d1.png")]
+    assert all(torch.equal(cached[(i, True, 5)]["latent_mean"], cached[(d1[0], True, 5)]["latent_mean"]) for i in d1)
+    assert not torch.equal(cached[(d1[0], False, 5)]["latent_mean"], cached[(images.index(images[-1]), False, 5)]["latent_mean"])
+    epoch = [i for i, _, _ in lce.EpochShuffle(len(cached), 42, True)]
+    assert sorted(epoch) == list(range(23))  # every listed example once an epoch: d1 ten times
+
+
 def test_read_folder_ignores_non_image_files(tmp_path):
     write_valid_image(tmp_path / "x.png", "PNG")
     (tmp_path / "x.txt").write_text("caption x")
