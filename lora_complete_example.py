@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -94,6 +94,7 @@ RESOLUTION = None  # training size in pixels, a multiple of 8; None = the model'
 CENTER_CROP = True  # True = center crop after resizing; False = random crop (needs CACHE_LATENTS=False)
 RANDOM_FLIP = True  # random horizontal flips (a cheap 2x augmentation)
 CACHE_LATENTS = True  # encode every image and caption once, before training (the encoders are frozen)
+VALIDATION_SPLIT = None  # held out for a validation loss: a fraction (0.1) or a number (20) of images; None = none
 CAPTION_DROPOUT = 0.0  # chance an example trains with the empty caption (SD 1.5 itself was trained with 0.1)
 DATALOADER_NUM_WORKERS = None  # image-decoding processes; None = 0 with the cache, else min(4, cores - 1)
 # lora
@@ -141,6 +142,7 @@ VALIDATION_PROMPTS = ["a man with blue eyes, in the style of naruto",  # the fir
                       "a girl with pink hair, in the style of naruto"]  # all go in comparison.png
 NUM_VALIDATION_SEEDS = 2  # images per prompt in the validation grids (seeds SEED, SEED+1, ...)
 VALIDATION_STEPS = None  # render a grid into OUTPUT_DIR/validation/ every N steps; None = only at the end
+VALIDATION_LOSS_STEPS = 100  # with VALIDATION_SPLIT: the held-out pictures' loss every N steps (and at 0 and the end)
 REPORT_TO = None  # "tensorboard": the metrics also through accelerate's trackers (pip install tensorboard)
 NUM_INFERENCE_STEPS = 30  # denoising steps for the test image
 GUIDANCE_SCALE = 7.5  # classifier-free guidance for the test image
@@ -342,6 +344,27 @@ def load_captioned_images(cfg, show_progress=True, captions_needed=True):
                f"training on {len(kept)}")
     images = images.select(kept) if isinstance(images, HubImages) else [images[i] for i in kept]  # (lazy)
     return images, [captions[i] for i in kept]
+
+
+def split_validation(images, captions, cfg):
+    """VALIDATION_SPLIT: (training images, captions), (held-out images, captions). The held-out pictures
+    (a fraction, or a number) are picked by SEED; a picture listed several times stays on one side."""
+    if cfg.VALIDATION_SPLIT is None:
+        return (images, captions), ([], [])
+    keys = [img if isinstance(img, str) else i for i, img in enumerate(images)] if isinstance(images, list) \
+        else list(range(len(images)))
+    unique = list(dict.fromkeys(keys))
+    split = cfg.VALIDATION_SPLIT
+    n = max(1, round(split * len(unique))) if isinstance(split, float) else split
+    if n >= len(unique):
+        raise UserError(f"VALIDATION_SPLIT={split!r} holds out {n} of {len(unique)} images, leaving none to train "
+                        f"on — hold out fewer (e.g. --VALIDATION_SPLIT=0.1)")
+    order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(cfg.SEED)).tolist()
+    held = {unique[j] for j in order[:n]}
+    sides = [[i for i, k in enumerate(keys) if (k in held) == side] for side in (False, True)]
+    pick = (lambda idx: images.select(idx)) if isinstance(images, HubImages) else (lambda idx: [images[i] for i in idx])
+    print0(f"validation: {n} of {len(unique)} images held out (VALIDATION_SPLIT={split!r})")
+    return tuple((pick(idx), [captions[i] for i in idx]) for idx in sides)
 
 
 # =============================================================================
@@ -655,6 +678,16 @@ def cache_latents(dataset, sd, cfg, show_progress=True):
     return CachedLatents(mean, std, time_ids, text, input_ids, dataset.caption_dropout, rows)
 
 
+def validation_data(images, captions, sd, cfg):
+    """The held-out pictures (VALIDATION_SPLIT) as the validation loss reads them: never flipped, never a
+    caption dropped, encoded once like the training data (CACHE_LATENTS). None without held-out pictures."""
+    if not captions:
+        return None
+    cfg = cfg.replace(RANDOM_FLIP=False, CAPTION_DROPOUT=0.0)
+    data = CaptionedImages(images, tokenize(sd.tokenizers, captions), cfg)
+    return cache_latents(data, sd, cfg, show_progress=False) if cfg.CACHE_LATENTS else data
+
+
 class EpochShuffle(torch.utils.data.Sampler):
     """Yields (index, flip, seed) triples: a fresh permutation, fresh flips and a fresh random seed per
     example every epoch, all a pure function of (SEED, epoch). So a resumed run replays exactly the same
@@ -750,6 +783,31 @@ def compute_loss(batch, sd, snr_gamma=None, noise_offset=0.0):
     return loss
 
 
+VALIDATION_DRAWS = 8  # noise and timestep draws per held-out picture: the same seeds at every evaluation
+
+
+@torch.no_grad()
+def validation_loss(run):
+    """The mean denoising loss on the held-out pictures, each with the same VALIDATION_DRAWS noises and
+    timesteps every time (their seeds are fixed), so it is comparable across steps, runs and resumes: plain
+    MSE (no Min-SNR weights, no offset noise), dropout off, with the plain (unwrapped) trained models."""
+    models, acc = run.models(), run.accelerator
+    parts = {te: m for (_, te), m in zip(run.sd.family.text_parts, run.sd.text_encoders)} | models
+    sd = replace(run.sd, unet=parts["unet"], text_encoders=tuple(parts[te] for _, te in run.sd.family.text_parts))
+    examples = [(i, False, i * VALIDATION_DRAWS + k) for i in range(len(run.validation)) for k in range(VALIDATION_DRAWS)]
+    for m in models.values():
+        m.eval()
+    total = 0.0
+    for start in range(0, len(examples), run.cfg.BATCH_SIZE):
+        batch = collate([run.validation[e] for e in examples[start:start + run.cfg.BATCH_SIZE]])
+        batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with acc.autocast():
+            total += compute_loss(batch, sd).sum().item()
+    for m in models.values():
+        m.train()
+    return total / len(examples)
+
+
 def lora_param_groups(models, cfg):
     """AdamW parameter groups over the LoRA tensors of [(model, learning rate)]: LoRA+ (Hayou et al.
     2024) lets the B matrices learn at LEARNING_RATE x LORAPLUS_LR_RATIO; a text encoder has its own rate."""
@@ -788,6 +846,7 @@ class Run:
     steps_per_epoch: int
     max_steps: int
     command: tuple = ()  # the script and its command line, for the resume command printed on Ctrl-C
+    validation: object = None  # the held-out pictures (VALIDATION_SPLIT), or None
 
     def models(self):
         """{component name: model} of the trained models, unwrapped: the names their LoRA files use."""
@@ -971,6 +1030,13 @@ def log_validation(run, step):
     return path
 
 
+def log_validation_loss(run, metrics, step):
+    """The main process computes the validation loss and writes it to metrics.jsonl; the others wait."""
+    if run.accelerator.is_main_process:
+        metrics.write({"step": step, "val_loss": validation_loss(run)})
+    run.accelerator.wait_for_everyone()
+
+
 def optimizer_steps(dataloader, accumulation, first_epoch, skip):
     """The micro-batches of each optimizer step, in order, epoch after epoch: (epoch, [micro-batches]),
     `accumulation` of them, fewer at an epoch's end. A resumed run first skips `skip` micro-batches."""
@@ -1018,6 +1084,8 @@ def train(run, start_step=0, resume_rng=None):
         m.train()
     if resume_rng is not None:  # exact resume: this process's random numbers (dropout) as at the checkpoint
         ckpt.set_rng_states(resume_rng)
+    if run.validation is not None and start_step == 0:  # the held-out loss before any training
+        log_validation_loss(run, metrics, 0)
     try:
         for step in range(start_step + 1, run.max_steps + 1):
             epoch, micro_batches = next(steps)
@@ -1056,6 +1124,10 @@ def train(run, start_step=0, resume_rng=None):
                     raise UserError(f"training diverged: the loss became {loss_mean} by step {step} — "
                                     "lower LEARNING_RATE, use bf16 rather than fp16 (or --VAE_FP32=True), or "
                                     "MIXED_PRECISION=no; no weights were written, earlier checkpoints kept")
+
+            # --- the held-out pictures' loss (VALIDATION_SPLIT)
+            if run.validation is not None and (step % cfg.VALIDATION_LOSS_STEPS == 0 or step == run.max_steps):
+                log_validation_loss(run, metrics, step)
 
             # --- validation pictures
             if cfg.VALIDATION_STEPS and step % cfg.VALIDATION_STEPS == 0 and step < run.max_steps:
@@ -1190,6 +1262,12 @@ def save_and_check(run, num_images, t_start):
     records = read_metrics(os.path.join(cfg.OUTPUT_DIR, "metrics.jsonl"))
     if records:
         save_loss_curve(records, os.path.join(cfg.OUTPUT_DIR, "loss_curve.png"))
+    held_out = [(r["val_loss"], r["step"]) for r in records if "val_loss" in r]
+    if held_out:  # which weights generalise best, by this measure (a low loss is not yet a good picture)
+        loss, step = min(held_out)
+        folder = os.path.join(cfg.OUTPUT_DIR, f"checkpoint-{step}")
+        where = folder if os.path.isdir(folder) else "the final weights" if step == run.max_steps else "no checkpoint"
+        print0(f"lowest validation loss: {loss:.4f} at step {step} ({where}); at the end: {held_out[-1][0]:.4f}")
 
 
 # =============================================================================
@@ -1278,6 +1356,7 @@ def main(argv):
 
     # --- 2. data: listed and decoded once, so a bad folder fails before any download -----
     images, captions = load_captioned_images(cfg, show_progress=accelerator.is_local_main_process)
+    (images, captions), held_out = split_validation(images, captions, cfg)  # VALIDATION_SPLIT
 
     # --- 3. load and freeze -----------------------------------------------------------
     set_seed(cfg.SEED)  # the same on every process, so every process starts from the same LoRA
@@ -1298,6 +1377,7 @@ def main(argv):
 
     # --- 5. encode the data once --------------------------------------------------------
     dataset = CaptionedImages(images, tokenize(sd.tokenizers, captions), cfg, tokenize(sd.tokenizers, [""])[0])
+    validation = validation_data(*held_out, sd, cfg)  # the held-out pictures, or None
     if cfg.CACHE_LATENTS:
         dataset = cache_latents(dataset, sd, cfg, show_progress=accelerator.is_local_main_process)
         sd.vae = None  # done with the frozen encoders: free their memory for the UNet
@@ -1312,6 +1392,7 @@ def main(argv):
         models += [(te, cfg.TEXT_ENCODER_LEARNING_RATE or cfg.LEARNING_RATE) for te in sd.text_encoders]
     command = (os.path.basename(__file__), *argv)
     run = prepare_run(cfg, accelerator, sd, dataset, lora_param_groups(models, cfg), command)
+    run.validation = validation
     describe_run(run, f"{len(images)} images")
     start_step, resume_rng = 0, None
     if resume_path is not None:

@@ -50,6 +50,13 @@ def check_config(c):
     for name in ("LORA_DROPOUT", "ADAM_WEIGHT_DECAY", "GUIDANCE_SCALE", "NOISE_OFFSET"):
         number(name, 0)
     need(c["LORA_DROPOUT"] < 1, f"LORA_DROPOUT must be in [0, 1), got {c['LORA_DROPOUT']}")
+    number("CAPTION_DROPOUT", 0)
+    need(c["CAPTION_DROPOUT"] < 1, f"CAPTION_DROPOUT must be in [0, 1), got {c['CAPTION_DROPOUT']} — e.g. 0.1")
+    split = c["VALIDATION_SPLIT"]
+    need(split is None or not isinstance(split, bool) and (isinstance(split, float) and 0 < split < 1
+                                                          or isinstance(split, int) and split >= 1),
+         f"VALIDATION_SPLIT must be a fraction in (0, 1), a number of images >= 1, or None, got {split!r} — e.g. 0.1 or 20")
+    number("VALIDATION_LOSS_STEPS", 1, int)
     need(isinstance(c["SEED"], int) and not isinstance(c["SEED"], bool), f"SEED must be an integer, got {c['SEED']!r}")
     need(c["SAVE_DTYPE"] in ("fp32", "fp16"), f"SAVE_DTYPE must be 'fp32' or 'fp16', got {c['SAVE_DTYPE']!r}")
     need(bool(c["OUTPUT_NAME"]) and os.sep not in c["OUTPUT_NAME"] and c["OUTPUT_NAME"] != "pytorch_lora_weights",
@@ -82,6 +89,8 @@ def check_dreambooth(c):
     number("NUM_NEW_TOKEN_VECTORS", 1, int)
     number("PRIOR_LOSS_WEIGHT", 0)
     number("EMBEDDING_LEARNING_RATE", 0, strict=True)
+    need(c["VALIDATION_SPLIT"] is None, "VALIDATION_SPLIT is for lora_complete_example.py: a subject's few pictures "
+         "are all needed for training — drop --VALIDATION_SPLIT and judge by the validation pictures")
     instance, klass, token = c["INSTANCE_PROMPT"], c["CLASS_PROMPT"], c["NEW_TOKEN"]
     need(c["CLASS_DATA_DIR"] is None or klass is not None,
          "CLASS_DATA_DIR is only read with prior preservation — also set --CLASS_PROMPT (e.g. 'a photo of a dog'), or drop --CLASS_DATA_DIR")

@@ -19,7 +19,7 @@ from lora_tools.files import atomic_path
 
 MIN_CELL = 192  # px: smaller renders (the demo's 64 px) are enlarged by a whole factor to at least this
 GAP, PAD = 6, 6  # px of white around every grid cell, and around text
-RAW_COLOUR, SMOOTH_COLOUR, LR_COLOUR = "#9cc3eb", "#16479c", "#c8641e"  # the loss curve's lines
+RAW_COLOUR, SMOOTH_COLOUR, LR_COLOUR, VAL_COLOUR = "#9cc3eb", "#16479c", "#c8641e", "#2a9d4b"  # the loss curve's lines
 
 
 # =============================================================================
@@ -177,10 +177,14 @@ def save_loss_curve(records, path):
     if window >= 1.5:  # an average over one point would only repeat the line above
         ax.plot(steps, smooth, color=SMOOTH_COLOUR, lw=2.5,
                 label=f"smoothed (moving average over ~{window:.0f} logged points): read the trend here")
+    val_steps, val = finite_series(records, "val_loss")  # VALIDATION_SPLIT's held-out loss
+    if val:
+        ax.plot(val_steps, val, color=VAL_COLOUR, lw=2, marker="o", ms=4,
+                label="validation loss: held-out pictures, the same noise and timesteps each time")
     skipped = sum("loss" in r for r in records) - len(loss)  # NaN, inf or None
     notes = [f"{skipped} non-finite loss value(s) skipped"] if skipped else []
     if loss:
-        lo, hi = loss_range(loss, smooth)
+        lo, hi = loss_range(loss, smooth + val)
         ax.set_ylim(lo, hi)
         off = sum(1 for v in loss if not lo <= v <= hi)
         notes += [f"{off} rare spike(s) beyond the y range"] if off else []

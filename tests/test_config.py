@@ -174,6 +174,10 @@ def test_demo_keeps_what_the_command_line_gave(demo_first):
     ("--REPORT_TO=wandb", ["REPORT_TO"]),
     ("--CENTER_CROP=False", ["CENTER_CROP", "CACHE_LATENTS"]),
     ("--OUTPUT_DIR=", ["OUTPUT_DIR"]),
+    ("--CAPTION_DROPOUT=1.0", ["CAPTION_DROPOUT", "0.1"]),
+    ("--VALIDATION_SPLIT=1.5", ["VALIDATION_SPLIT", "fraction"]),
+    ("--VALIDATION_SPLIT=0", ["VALIDATION_SPLIT"]),
+    ("--VALIDATION_LOSS_STEPS=0", ["VALIDATION_LOSS_STEPS"]),
 ])
 def test_bad_value_is_a_one_line_user_error(arg, words):
     with pytest.raises(UserError) as e:

@@ -244,6 +244,19 @@ def test_a_kohya_dataset_trains_unchanged_each_image_repeats_times_and_cached_on
     assert sorted(epoch) == list(range(23))  # every listed example once an epoch: d1 ten times
 
 
+def test_validation_split_holds_out_whole_pictures_by_seed(make_cfg):
+    images = [f"{name}.png" for name in "abcdefgh"] + ["a.png"] * 3  # a.png listed 4 times (kohya's repeats)
+    captions = [p[0] for p in images]
+    (train, train_caps), (held, held_caps) = lce.split_validation(images, captions, make_cfg("--VALIDATION_SPLIT=0.25"))
+    assert len(set(held)) == 2 and not set(held) & set(train) and sorted(set(train) | set(held)) == sorted(set(images))
+    assert len(train) + len(held) == 11 and [p[0] for p in held] == held_caps  # each with its caption
+    assert lce.split_validation(images, captions, make_cfg("--VALIDATION_SPLIT=0.25"))[1][0] == held  # by SEED
+    assert len(set(lce.split_validation(images, captions, make_cfg("--VALIDATION_SPLIT=3"))[1][0])) == 3
+    with pytest.raises(UserError, match=r"VALIDATION_SPLIT=8 holds out 8 of 8 images, leaving none to train on"):
+        lce.split_validation(images, captions, make_cfg("--VALIDATION_SPLIT=8"))
+    assert lce.split_validation(images, captions, make_cfg()) == ((images, captions), ([], []))
+
+
 def test_read_folder_ignores_non_image_files(tmp_path):
     write_valid_image(tmp_path / "x.png", "PNG")
     (tmp_path / "x.txt").write_text("caption x")
