@@ -94,7 +94,9 @@ RESOLUTION = None  # training size in pixels, a multiple of 8; None = the model'
 CENTER_CROP = True  # True = center crop after resizing; False = random crop (needs CACHE_LATENTS=False)
 RANDOM_FLIP = True  # random horizontal flips (a cheap 2x augmentation)
 CACHE_LATENTS = True  # encode every image and caption once, before training (the encoders are frozen)
-VALIDATION_SPLIT = None  # held out for a validation loss: a fraction (0.1) or a number (20) of images; None = none
+VALIDATION_SPLIT = None  # held out for a validation loss: a fraction (0.1) or a number (20) of images
+SHUFFLE_CAPTION_TAGS = False  # "tag1, tag2, ..." captions in a new order each time (encoded every step)
+KEEP_TAGS = 0  # with SHUFFLE_CAPTION_TAGS: the first N tags stay in place (kohya's keep_tokens)
 CAPTION_DROPOUT = 0.0  # chance an example trains with the empty caption (SD 1.5 itself was trained with 0.1)
 DATALOADER_NUM_WORKERS = None  # image-decoding processes; None = 0 with the cache, else min(4, cores - 1)
 # lora
@@ -132,7 +134,7 @@ LOG_EVERY = 10  # log the mean loss every N optimizer steps (reading it from the
 CHECKPOINTING_STEPS = 500  # a resumable OUTPUT_DIR/checkpoint-<step>/ every N optimizer steps; None = never
 CHECKPOINTS_TOTAL_LIMIT = None  # keep only the newest N checkpoints; None = keep all
 RESUME_FROM = None  # "latest" (newest checkpoint in OUTPUT_DIR) or a checkpoint-<step> folder; None = new
-OVERWRITE_OUTPUT_DIR = False  # True = a new run may replace another run's results in OUTPUT_DIR (a demo's always)
+OVERWRITE_OUTPUT_DIR = False  # True = a new run may replace another run's results (a demo's: always)
 # output
 OUTPUT_DIR = "my_lora_model"  # where the adapter, config and pictures go
 OUTPUT_NAME = "my_lora"  # the WebUI/ComfyUI copy is OUTPUT_DIR/<OUTPUT_NAME>.safetensors
@@ -142,7 +144,7 @@ VALIDATION_PROMPTS = ["a man with blue eyes, in the style of naruto",  # the fir
                       "a girl with pink hair, in the style of naruto"]  # all go in comparison.png
 NUM_VALIDATION_SEEDS = 2  # images per prompt in the validation grids (seeds SEED, SEED+1, ...)
 VALIDATION_STEPS = None  # render a grid into OUTPUT_DIR/validation/ every N steps; None = only at the end
-VALIDATION_LOSS_STEPS = 100  # with VALIDATION_SPLIT: the held-out pictures' loss every N steps (and at 0 and the end)
+VALIDATION_LOSS_STEPS = 100  # with VALIDATION_SPLIT: the held-out loss every N steps (and at 0 and the end)
 REPORT_TO = None  # "tensorboard": the metrics also through accelerate's trackers (pip install tensorboard)
 NUM_INFERENCE_STEPS = 30  # denoising steps for the test image
 GUIDANCE_SCALE = 7.5  # classifier-free guidance for the test image
@@ -357,12 +359,14 @@ def split_validation(images, captions, cfg):
     split = cfg.VALIDATION_SPLIT
     n = max(1, round(split * len(unique))) if isinstance(split, float) else split
     if n >= len(unique):
-        raise UserError(f"VALIDATION_SPLIT={split!r} holds out {n} of {len(unique)} images, leaving none to train "
-                        f"on — hold out fewer (e.g. --VALIDATION_SPLIT=0.1)")
+        raise UserError(f"VALIDATION_SPLIT={split!r} holds out {n} of {len(unique)} images, leaving none to "
+                        f"train on — hold out fewer (e.g. --VALIDATION_SPLIT=0.1)")
     order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(cfg.SEED)).tolist()
     held = {unique[j] for j in order[:n]}
     sides = [[i for i, k in enumerate(keys) if (k in held) == side] for side in (False, True)]
-    pick = (lambda idx: images.select(idx)) if isinstance(images, HubImages) else (lambda idx: [images[i] for i in idx])
+    def pick(idx):
+        return images.select(idx) if isinstance(images, HubImages) else [images[i] for i in idx]
+
     print0(f"validation: {n} of {len(unique)} images held out (VALIDATION_SPLIT={split!r})")
     return tuple((pick(idx), [captions[i] for i in idx]) for idx in sides)
 
@@ -544,7 +548,8 @@ def caption_dropped(seed, p):
     prediction for the empty prompt (tutorial 3.8); trained on captions only, that prediction drifts."""
     if seed is None or not p:
         return False
-    return torch.rand((), generator=torch.Generator().manual_seed(seed ^ 0xD809)).item() < p  # not the noise's seed
+    g = torch.Generator().manual_seed(seed ^ 0xD809)  # a stream of its own, not the noise's
+    return torch.rand((), generator=g).item() < p
 
 
 class CaptionedImages(torch.utils.data.Dataset):
@@ -556,8 +561,9 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __init__(self, images, input_ids, cfg, empty_ids=None):
         self.images, self.input_ids, self.empty_ids = images, input_ids, empty_ids
-        self.size, self.center_crop, self.caption_dropout = cfg.RESOLUTION, cfg.CENTER_CROP, cfg.CAPTION_DROPOUT
-        assert empty_ids is not None or not self.caption_dropout, "caption dropout needs the empty caption's ids"
+        self.size, self.center_crop = cfg.RESOLUTION, cfg.CENTER_CROP
+        self.caption_dropout = cfg.CAPTION_DROPOUT
+        assert empty_ids is not None or not self.caption_dropout, "caption dropout needs the empty caption"
 
     def __len__(self):
         return len(self.input_ids)
@@ -577,7 +583,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         if flip:  # the mirror image, and where its crop sits in the mirrored picture
             pixels, left = pixels.flip(-1), img.width - left - R
         dropped = caption_dropped(seed, self.caption_dropout)
-        return {"pixel_values": pixels, "input_ids": self.empty_ids if dropped else self.input_ids[i], "seed": seed,
+        ids = self.empty_ids if dropped else self.input_ids[i]
+        return {"pixel_values": pixels, "input_ids": ids, "seed": seed,
                 "time_ids": torch.tensor([h, w, top, left, R, R], dtype=torch.float32),
                 "caption_dropped": torch.tensor(dropped), "loss_weight": torch.tensor(1.0)}
 
@@ -603,7 +610,10 @@ class CachedLatents(torch.utils.data.Dataset):
         r = self.rows[i]
         dropped = caption_dropped(seed, self.caption_dropout)
         text_row = -1 if dropped else r  # the empty caption is the last row
-        text = {k: v[text_row] for k, v in self.text.items()} if self.text else {"input_ids": self.input_ids[text_row]}
+        if self.text:
+            text = {k: v[text_row] for k, v in self.text.items()}
+        else:
+            text = {"input_ids": self.input_ids[text_row]}
         view = int(flip)  # view 1 = the mirrored image
         return {"latent_mean": self.mean[r, view], "latent_std": self.std[r, view], **text, "seed": seed,
                 "time_ids": self.time_ids[r, view], "caption_dropped": torch.tensor(dropped),
@@ -670,12 +680,48 @@ def cache_latents(dataset, sd, cfg, show_progress=True):
     if dataset.caption_dropout:  # the empty caption, encoded once, as the last row (SDXL's: zeros)
         input_ids = torch.cat([input_ids, dataset.empty_ids[None]])
         if texts:
-            text = encode_prompt(sd.family, sd.text_encoders, dataset.empty_ids[None], dropped=torch.tensor([True]))
+            text = encode_prompt(sd.family, sd.text_encoders, dataset.empty_ids[None], torch.tensor([True]))
             texts.append({k: v.cpu() for k, v in text.items()})
     text = {k: torch.cat([t[k] for t in texts]) for k in texts[0]} if texts else None  # e.g. (N, 77, d)
     # not pinned: the DataLoader collates a new tensor per batch and pins that one (pin_memory=True)
     rows = torch.tensor([row_of[key] for key in keys])
     return CachedLatents(mean, std, time_ids, text, input_ids, dataset.caption_dropout, rows)
+
+
+def shuffle_tags(caption, seed, keep):
+    """SHUFFLE_CAPTION_TAGS: a comma-separated tag caption in an order drawn from the example's seed for
+    this epoch, its first `keep` tags (KEEP_TAGS) in place: the model learns the tags, not their order."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep], tags[keep:]
+    order = torch.randperm(len(tail), generator=torch.Generator().manual_seed(seed ^ 0x7A65)).tolist()
+    return ", ".join(head + [tail[i] for i in order])
+
+
+class ShuffledTags(torch.utils.data.Dataset):
+    """The examples of `dataset` with their captions' tags shuffled (shuffle_tags) and tokenized for this
+    draw: a prompt that changes every time has no fixed encoding to cache, so the text encoders run at
+    every step (compute_loss encodes the token ids). A dropped caption stays the empty one."""
+
+    def __init__(self, dataset, captions, tokenizers, keep):
+        self.dataset, self.captions, self.tokenizers, self.keep = dataset, captions, tokenizers, keep
+        self.empty_ids = self.token_ids("")
+
+    def token_ids(self, text):
+        return torch.stack([tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids[0] for tok in self.tokenizers])
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        i, flip, seed = item if isinstance(item, tuple) else (item, False, 0)
+        cached = ("encoder_hidden_states", "text_embeds")
+        example = {k: v for k, v in self.dataset[(i, flip, seed)].items() if k not in cached}
+        if example["caption_dropped"]:
+            example["input_ids"] = self.empty_ids
+        else:
+            example["input_ids"] = self.token_ids(shuffle_tags(self.captions[i], seed, self.keep))
+        return example
 
 
 def validation_data(images, captions, sd, cfg):
@@ -792,9 +838,11 @@ def validation_loss(run):
     timesteps every time (their seeds are fixed), so it is comparable across steps, runs and resumes: plain
     MSE (no Min-SNR weights, no offset noise), dropout off, with the plain (unwrapped) trained models."""
     models, acc = run.models(), run.accelerator
-    parts = {te: m for (_, te), m in zip(run.sd.family.text_parts, run.sd.text_encoders)} | models
-    sd = replace(run.sd, unet=parts["unet"], text_encoders=tuple(parts[te] for _, te in run.sd.family.text_parts))
-    examples = [(i, False, i * VALIDATION_DRAWS + k) for i in range(len(run.validation)) for k in range(VALIDATION_DRAWS)]
+    names = [te for _, te in run.sd.family.text_parts]
+    parts = dict(zip(names, run.sd.text_encoders)) | models  # the trained ones unwrapped
+    sd = replace(run.sd, unet=parts["unet"], text_encoders=tuple(parts[te] for te in names))
+    draws = range(VALIDATION_DRAWS)
+    examples = [(i, False, i * VALIDATION_DRAWS + k) for i in range(len(run.validation)) for k in draws]
     for m in models.values():
         m.eval()
     total = 0.0
@@ -1126,7 +1174,7 @@ def train(run, start_step=0, resume_rng=None):
                                     "MIXED_PRECISION=no; no weights were written, earlier checkpoints kept")
 
             # --- the held-out pictures' loss (VALIDATION_SPLIT)
-            if run.validation is not None and (step % cfg.VALIDATION_LOSS_STEPS == 0 or step == run.max_steps):
+            if run.validation and (step % cfg.VALIDATION_LOSS_STEPS == 0 or step == run.max_steps):
                 log_validation_loss(run, metrics, step)
 
             # --- validation pictures
@@ -1266,8 +1314,10 @@ def save_and_check(run, num_images, t_start):
     if held_out:  # which weights generalise best, by this measure (a low loss is not yet a good picture)
         loss, step = min(held_out)
         folder = os.path.join(cfg.OUTPUT_DIR, f"checkpoint-{step}")
-        where = folder if os.path.isdir(folder) else "the final weights" if step == run.max_steps else "no checkpoint"
-        print0(f"lowest validation loss: {loss:.4f} at step {step} ({where}); at the end: {held_out[-1][0]:.4f}")
+        where = (folder if os.path.isdir(folder) else "the final weights" if step == run.max_steps
+                 else "no checkpoint")
+        print0(f"lowest validation loss: {loss:.4f} at step {step} ({where}); "
+               f"at the end: {held_out[-1][0]:.4f}")
 
 
 # =============================================================================
@@ -1376,15 +1426,18 @@ def main(argv):
         sd.unet.enable_gradient_checkpointing()
 
     # --- 5. encode the data once --------------------------------------------------------
-    dataset = CaptionedImages(images, tokenize(sd.tokenizers, captions), cfg, tokenize(sd.tokenizers, [""])[0])
+    empty_ids = tokenize(sd.tokenizers, [""])[0]  # the empty caption (CAPTION_DROPOUT)
+    dataset = CaptionedImages(images, tokenize(sd.tokenizers, captions), cfg, empty_ids)
     validation = validation_data(*held_out, sd, cfg)  # the held-out pictures, or None
     if cfg.CACHE_LATENTS:
         dataset = cache_latents(dataset, sd, cfg, show_progress=accelerator.is_local_main_process)
         sd.vae = None  # done with the frozen encoders: free their memory for the UNet
-        if not text_encoder_trains(sd):
+        if not text_encoder_trains(sd) and not cfg.SHUFFLE_CAPTION_TAGS:
             sd.text_encoders = tuple(None for _ in sd.text_encoders)
         free_memory()
         print0(peak_memory_text(accelerator, "caching latents"))
+    if cfg.SHUFFLE_CAPTION_TAGS:  # tags in a new order every time: the prompt is encoded at every step
+        dataset = ShuffledTags(dataset, captions, sd.tokenizers, cfg.KEEP_TAGS)
 
     # --- 6. train -------------------------------------------------------------------------
     models = [(sd.unet, cfg.LEARNING_RATE)]

@@ -14,7 +14,8 @@ Usage (every constant of both scripts can be overridden as --NAME=value):
 
     # your subject: a folder of a few pictures of it (captions not needed)
     python lora_dreambooth_example.py --DATA_DIR=./my_dog --INSTANCE_PROMPT="a photo of <zwx> dog" \\
-        --CLASS_PROMPT="a photo of a dog" --NEW_TOKEN="<zwx>" --VALIDATION_PROMPTS="a photo of <zwx> dog, in a bucket"
+        --CLASS_PROMPT="a photo of a dog" --NEW_TOKEN="<zwx>" \\
+        --VALIDATION_PROMPTS="a photo of <zwx> dog, in a bucket"
 
 A plain text for VALIDATION_PROMPTS is one prompt, commas and all (--VALIDATION_PROMPTS="a dog, in a bucket");
 several are a Python list (--VALIDATION_PROMPTS="['a dog, in a bucket', 'a cat']").
@@ -234,7 +235,7 @@ def recipe_lines(cfg, family):
 def main(argv):
     # --- 1. configuration, checked before anything slow -----------------------------
     cfg, accelerator, weight_dtype, family = lce.start(resolve_config(argv))
-    resume_path = lce.resume_point(cfg, accelerator, SHAPE_SETTINGS)  # None: a new run, in a folder of its own
+    resume_path = lce.resume_point(cfg, accelerator, SHAPE_SETTINGS)  # None: a new run, in its own folder
 
     # --- 2. data: listed and decoded once, so a bad folder fails before any download -----
     images, captions = lce.load_captioned_images(cfg, show_progress=accelerator.is_local_main_process,
@@ -265,7 +266,8 @@ def main(argv):
 
     # --- 5. encode the data once: the subject's pictures, and the class pictures ---------
     empty_ids = lce.tokenize(sd.tokenizers, [""])[0]  # (CAPTION_DROPOUT)
-    dataset = lce.CaptionedImages(images, lce.tokenize(sd.tokenizers, encoder_prompts(cfg, captions)), cfg, empty_ids)
+    ids = lce.tokenize(sd.tokenizers, encoder_prompts(cfg, captions))
+    dataset = lce.CaptionedImages(images, ids, cfg, empty_ids)
     if class_paths:
         class_ids = lce.tokenize(sd.tokenizers, [cfg.CLASS_PROMPT] * len(class_paths))
         class_dataset = lce.CaptionedImages(class_paths, class_ids, cfg, empty_ids)

@@ -8,20 +8,23 @@ its own):
       (what diffusers' train_text_to_image_lora.py does);
   (b) this project's default path: lora_complete_example.py's functions with CACHE_LATENTS=True
       (encode once, then train on cached latents and embeddings);
-  (c) the floor: the bare UNet LoRA forward + backward + AdamW step on ready tensors.
+  (c) the floor: the bare UNet LoRA forward + backward + AdamW step on ready tensors;
+  (t) (b) with SHUFFLE_CAPTION_TAGS: latents cached, the prompt tokenized and encoded at every step
+      (what tag shuffling costs; only with --MODES=...,t).
 For each: median seconds per optimizer step, images/s, peak memory while training (on a GPU what
 tensors held, torch.cuda.max_memory_allocated, and what the caching allocator reserved,
 max_memory_reserved; on a CPU the process's peak RSS), the caching phase's peak on its own, time to
 first step (model on device -> first step done, caching included), and the UNet's achieved TFLOP/s
 (model FLOPs of one forward + backward, counted once with torch's FlopCounterMode and without
 gradient checkpointing, so the recomputation it adds is not counted as useful work).
-Prints a table with the ratios (a)/(b) and (b)/(c) and writes JSON.
+Prints a table with the ratios (a)/(b), (b)/(c) and (t)/(b) and writes JSON.
 
     python benchmarks/bench_train.py                                 # SD1.5 at 512 px, batch 1
     python benchmarks/bench_train.py --MODELS=sd15 --RESOLUTION=256  # SD1.5 architecture at 256 px
     python benchmarks/bench_train.py --MODELS=sd15 --MODES=b --BATCH_SIZES=1,4,8 --GRADIENT_CHECKPOINTING=False,True
     python benchmarks/bench_train.py --MODELS=sdxl --RESOLUTION=1024 --MODES=b,c --GRADIENT_CHECKPOINTING=False,True
     python benchmarks/bench_train.py --MODELS=sdxl --RESOLUTION=256 --MODES=b,c   # SDXL on a CPU
+    python benchmarks/bench_train.py --MODELS=sd15 --RESOLUTION=256 --MODES=b,t   # what tag shuffling costs
 
 The SD1.5 and SDXL base 1.0 architectures are built from their published configs with random weights
 (no download): the compute is the real one, the weights don't matter for speed.
@@ -170,7 +173,7 @@ def measure(spec):
     unet = sd.unet
     cfg = lce.resolve_config([f"--RESOLUTION={res}", f"--BATCH_SIZE={bs}", "--GRADIENT_ACCUMULATION_STEPS=1",
                               f"--LORA_RANK={spec['lora_rank']}", f"--LORA_ALPHA={spec['lora_rank']}",
-                              f"--CACHE_LATENTS={mode == 'b'}", f"--GRADIENT_CHECKPOINTING={spec['gradient_checkpointing']}",
+                              f"--CACHE_LATENTS={mode in ('b', 't')}", f"--GRADIENT_CHECKPOINTING={spec['gradient_checkpointing']}",
                               "--RANDOM_FLIP=True", "--DATALOADER_NUM_WORKERS=0"], )
     lora_params = lce.add_lora(unet, cfg, cfg.TARGET_MODULES)
     if cfg.GRADIENT_CHECKPOINTING:
@@ -193,9 +196,13 @@ def measure(spec):
         batches = None
     else:
         dataset = lce.CaptionedImages(paths, lce.tokenize(sd.tokenizers, captions), cfg)
-        if mode == "b":
+        if mode in ("b", "t"):
             dataset = lce.cache_latents(dataset, sd, cfg, show_progress=False)
-            sd.vae, sd.text_encoders = None, (None,) * len(sd.text_encoders)
+            sd.vae = None
+            if mode == "b":
+                sd.text_encoders = (None,) * len(sd.text_encoders)
+            else:  # the prompt in a new order every step: tokenized and encoded in the step
+                dataset = lce.ShuffledTags(dataset, captions, sd.tokenizers, keep=1)
             if cuda:
                 torch.cuda.empty_cache()
             caching_peak = peak_memory(cuda)[0]  # and, on a GPU, the training peak starts from here
@@ -269,7 +276,7 @@ def table(results):
     lines = [f"{'model':6} {'res':>4} {'bs':>3} {'ckpt':>5} {'mode':5} {'s/step':>9} {'img/s':>8} {peak_name:>8} "
              + (f"{'resv GB':>8} " if gpu else "") + f"{'cache GB':>8} {'1st step s':>10} {'TFLOP/s':>8}"]
     for (model, bs, gc_on), modes in groups.items():
-        for m in ("a", "b", "c"):
+        for m in ("a", "b", "c", "t"):
             if m not in modes:
                 continue
             r = modes[m]
@@ -284,6 +291,9 @@ def table(results):
                          f"peak memory (b)/(a) = {modes['b']['peak_memory_gb'] / modes['a']['peak_memory_gb']:.2f}")
         if "b" in modes and "c" in modes:
             ratio.append(f"(b)/(c) = {modes['b']['sec_per_step'] / modes['c']['sec_per_step']:.3f}x the floor")
+        if "t" in modes and "b" in modes:
+            ratio.append(f"(t)/(b) = {modes['t']['sec_per_step'] / modes['b']['sec_per_step']:.3f}x per step "
+                         f"(the prompt encoded every step)")
         if ratio:
             lines.append("       " + " | ".join(ratio))
     return "\n".join(lines)

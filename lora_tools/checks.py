@@ -57,6 +57,7 @@ def check_config(c):
                                                           or isinstance(split, int) and split >= 1),
          f"VALIDATION_SPLIT must be a fraction in (0, 1), a number of images >= 1, or None, got {split!r} — e.g. 0.1 or 20")
     number("VALIDATION_LOSS_STEPS", 1, int)
+    number("KEEP_TAGS", 0, int)
     need(isinstance(c["SEED"], int) and not isinstance(c["SEED"], bool), f"SEED must be an integer, got {c['SEED']!r}")
     need(c["SAVE_DTYPE"] in ("fp32", "fp16"), f"SAVE_DTYPE must be 'fp32' or 'fp16', got {c['SAVE_DTYPE']!r}")
     need(bool(c["OUTPUT_NAME"]) and os.sep not in c["OUTPUT_NAME"] and c["OUTPUT_NAME"] != "pytorch_lora_weights",

@@ -227,6 +227,35 @@ def test_a_dropped_caption_trains_with_the_empty_captions_encoding_made_once(mak
     assert torch.equal(ds[(3, False, kept)]["input_ids"], ds.input_ids[3])
 
 
+# ----------------------------------------------------------------------------- tag shuffling
+def test_tag_shuffling_keeps_the_first_tags_in_place_and_every_tag(make_cfg, load_tiny, tiny_args, tmp_path):
+    caption = "zwx, 1girl, red hair, smile, outdoors, blue sky"
+    drawn = {lce.shuffle_tags(caption, seed, 2) for seed in range(30)}
+    assert len(drawn) > 10 and lce.shuffle_tags(caption, 7, 2) == lce.shuffle_tags(caption, 7, 2)  # per seed
+    for text in drawn:
+        tags = text.split(", ")
+        assert tags[:2] == ["zwx", "1girl"] and sorted(tags) == sorted(caption.split(", "))
+    # with the latent cache: latents cached, the prompt tokenized per draw and encoded in the step
+    cfg = make_cfg("--SHUFFLE_CAPTION_TAGS=True", "--KEEP_TAGS=1", "--CAPTION_DROPOUT=0.5")
+    sd = load_tiny(cfg)
+    images, _ = lce.load_captioned_images(cfg, show_progress=False)
+    captions = [caption] * len(images)
+    empty_ids = lce.tokenize(sd.tokenizers, [""])[0]
+    cached = lce.cache_latents(lce.CaptionedImages(images, lce.tokenize(sd.tokenizers, captions), cfg, empty_ids),
+                               sd, cfg, show_progress=False)
+    data = lce.ShuffledTags(cached, captions, sd.tokenizers, keep=1)
+    kept = next(s for s in range(50) if not lce.caption_dropped(s, 0.5))
+    dropped = next(s for s in range(50) if lce.caption_dropped(s, 0.5))
+    item = data[(2, False, kept)]
+    assert "encoder_hidden_states" not in item and "latent_mean" in item
+    assert torch.equal(item["input_ids"], lce.tokenize(sd.tokenizers, [lce.shuffle_tags(caption, kept, 1)])[0])
+    assert torch.equal(data[(2, False, dropped)]["input_ids"], empty_ids)
+    with torch.no_grad():
+        assert lce.compute_loss(collate_items(data, [(0, False, kept), (1, True, dropped)]), sd).shape == (2,)
+    run = run_main(tiny_args("--SHUFFLE_CAPTION_TAGS=True", "--MAX_TRAIN_STEPS=2", f"--OUTPUT_DIR={tmp_path / 'out'}"))
+    assert "trained 2 steps" in run.log  # main keeps the text encoders for it
+
+
 # ----------------------------------------------------------------------------- frozen = untouched, in the loop
 def test_every_frozen_tensor_is_bit_identical_after_the_training_loop(make_cfg, load_tiny, tiny_model_dir):
     """Three optimizer steps of the real loop (lce.train on a run built by the functions main uses), the
