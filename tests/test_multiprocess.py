@@ -7,7 +7,7 @@ the only difference between them is the noise and timesteps they draw.
   again  two processes, resumed from two's checkpoint-2 (COMPILE=False: it changes no number)
   one    one process (in this process) with batches of 2: each step the same two examples, with the
          same seeds, as the two processes' batches of 1 together
-  two_xl, one_xl   the same comparison on the tiny SDXL-shaped pipeline (pooled prompt and size/crop ids
+  two_xl, one_xl, again_xl   the same on the tiny SDXL-shaped pipeline (pooled prompt and size/crop ids
          travel with each example), half the captions dropped
 
 torch.compile gets its eager backend (a driver patches it before the script starts): the same
@@ -49,7 +49,7 @@ def runs(tmp_path_factory, tiny_model_dir, xl_model):
                            "    print(f'torch.compile({type(model).__name__})', flush=True)\n"
                            "    return _compile(model, backend='eager')\n"
                            "torch.compile = compile_eager")
-    xl_args = [f"--MODEL_ID={xl_model}", *args[1:], "--MAX_TRAIN_STEPS=2", "--CAPTION_DROPOUT=0.5"]
+    xl_args = [f"--MODEL_ID={xl_model}", *args[1:], "--CAPTION_DROPOUT=0.5"]
     two = start_script(*args, "--COMPILE=True", f"--OUTPUT_DIR={root / 'two'}", program=driver, launch=True)
     one = run_main(args + ["--BATCH_SIZE=2", f"--OUTPUT_DIR={root / 'one'}"])  # here, while the two processes start
     two = finish(two)
@@ -57,7 +57,9 @@ def runs(tmp_path_factory, tiny_model_dir, xl_model):
     one_xl = run_main(xl_args + ["--BATCH_SIZE=2", f"--OUTPUT_DIR={root / 'one_xl'}"])
     again = finish(start_script(*args, f"--OUTPUT_DIR={root / 'again'}", f"--RESUME_FROM={root / 'two' / 'checkpoint-2'}", launch=True))
     two_xl = finish(two_xl)
-    runs = dict(two=two, again=again, one=one, two_xl=two_xl, one_xl=one_xl)
+    again_xl = finish(start_script(*xl_args, f"--OUTPUT_DIR={root / 'again_xl'}",
+                                   f"--RESUME_FROM={root / 'two_xl' / 'checkpoint-2'}", launch=True))
+    runs = dict(two=two, again=again, one=one, two_xl=two_xl, one_xl=one_xl, again_xl=again_xl)
     return runs | {"out": {k: str(root / k) for k in runs}}
 
 
@@ -111,9 +113,16 @@ def test_two_sdxl_processes_train_exactly_like_one_with_twice_the_batch(runs):
     lora_A gradients are tiny (B has only taken one step from zero) and Adam divides by their size."""
     assert "SDXL" in runs["one_xl"].log and "effective batch 2 = 1 x 1 accumulation x 2 process(es)" in runs["two_xl"].stdout
     metrics = [[json.loads(line) for line in open(os.path.join(runs["out"][k], "metrics.jsonl"))] for k in ("one_xl", "two_xl")]
-    assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [1, 2]
+    assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
     for a, b in zip(*metrics):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     one, two = lora_weights(runs["out"]["one_xl"]), lora_weights(runs["out"]["two_xl"])
     assert max_abs_diff(one, two) <= 1e-4
     assert max(v.abs().max() for k, v in one.items() if "lora.up" in k) > 1e-4  # B (up) starts at zero: they trained
+
+
+def test_a_two_process_sdxl_resume_ends_with_the_weights_of_the_uninterrupted_run(runs):
+    assert re.search(r"resumed from .*checkpoint-2 at step 2", runs["again_xl"].stdout), runs["again_xl"].stdout[-2000:]
+    final = lora_weights(runs["out"]["two_xl"])
+    assert max_abs_diff(final, lora_weights(os.path.join(runs["out"]["two_xl"], "checkpoint-2"))) > 1e-4  # steps 3-4 trained
+    assert max_abs_diff(final, lora_weights(runs["out"]["again_xl"])) <= 1e-5
