@@ -65,6 +65,7 @@ from torchvision.transforms import functional as tvf
 from tqdm.auto import tqdm
 
 from lora_tools import checkpoint as ckpt
+from lora_tools.buckets import BucketBatches, describe_buckets, pick_bucket
 from lora_tools.checks import (check_config, check_demo_base, check_environment, check_output_dir,
                                check_paths, explain_load_error)
 from lora_tools.config import Config, UserError, parse_overrides
@@ -91,6 +92,8 @@ IMAGE_COLUMN = None  # column holding the images; None = guess ("image", ...)
 CAPTION_COLUMN = None  # column holding the captions; None = guess ("text", "caption", ...)
 MAX_TRAIN_SAMPLES = None  # use only the first N images (quick experiments); None = all
 RESOLUTION = None  # training size in pixels, a multiple of 8; None = the model's own (SD1.5 512, SDXL 1024)
+ASPECT_RATIO_BUCKETING = False  # True = each picture near its own shape (~RESOLUTION² pixels), not a square
+BUCKET_STEP = 64  # with buckets: their sides are multiples of this (64 suits every SD and SDXL UNet)
 CENTER_CROP = True  # True = center crop after resizing; False = random crop (needs CACHE_LATENTS=False)
 RANDOM_FLIP = True  # random horizontal flips (a cheap 2x augmentation)
 CACHE_LATENTS = True  # encode every image and caption once, before training (the encoders are frozen)
@@ -348,6 +351,22 @@ def load_captioned_images(cfg, show_progress=True, captions_needed=True):
     return images, [captions[i] for i in kept]
 
 
+def bucket_sizes(images, cfg, log=True):
+    """ASPECT_RATIO_BUCKETING: each picture's (height, width) bucket, from its size (lora_tools/buckets.py);
+    the table of buckets printed once."""
+    known, sizes = {}, []
+    for i in range(len(images)):
+        img = images[i]
+        key = img if isinstance(img, str) else i
+        if key not in known:
+            size = (open_image(img) if isinstance(img, str) else to_rgb(img)).size  # (width, height)
+            known[key] = pick_bucket(*size, cfg.RESOLUTION, cfg.BUCKET_STEP)
+        sizes.append(known[key])
+    if log:
+        print0(f"aspect-ratio buckets (height x width: pictures): {describe_buckets(sizes)}")
+    return sizes
+
+
 def split_validation(images, captions, cfg):
     """VALIDATION_SPLIT: (training images, captions), (held-out images, captions). The held-out pictures
     (a fraction, or a number) are picked by SEED; a picture listed several times stays on one side."""
@@ -557,10 +576,11 @@ class CaptionedImages(torch.utils.data.Dataset):
     empty caption's if it is dropped (CAPTION_DROPOUT; empty_ids: tokenize(tokenizers, [""])[0]); the
     picture's size and crop, (6,): original height, width, crop top, left (in the resized picture), target
     height, width (SDXL's micro-conditioning; SD 1.x ignores it); the example's random seed for this epoch;
-    its weight in the loss (1). Seed None (caching) drops no caption."""
+    its weight in the loss (1). Seed None (caching) drops no caption. sizes: each picture's (height, width)
+    bucket (ASPECT_RATIO_BUCKETING, lora_tools/buckets.py), or None: every picture an R x R square."""
 
-    def __init__(self, images, input_ids, cfg, empty_ids=None):
-        self.images, self.input_ids, self.empty_ids = images, input_ids, empty_ids
+    def __init__(self, images, input_ids, cfg, empty_ids=None, sizes=None):
+        self.images, self.input_ids, self.empty_ids, self.sizes = images, input_ids, empty_ids, sizes
         self.size, self.center_crop = cfg.RESOLUTION, cfg.CENTER_CROP
         self.caption_dropout = cfg.CAPTION_DROPOUT
         assert empty_ids is not None or not self.caption_dropout, "caption dropout needs the empty caption"
@@ -568,24 +588,33 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.input_ids)
 
+    def target_size(self, i):
+        """(height, width) that picture i trains at."""
+        return tuple(self.sizes[i]) if self.sizes else (self.size, self.size)
+
     def __getitem__(self, item):
         i, flip, seed = item if isinstance(item, tuple) else (item, False, 0)
         img = self.images[i]
         img = open_image(img) if isinstance(img, str) else to_rgb(img)
-        R, (w, h) = self.size, img.size
-        img = tvf.resize(img, R, interpolation=tvf.InterpolationMode.BILINEAR)  # the short side -> R
+        (H, W), (w, h) = self.target_size(i), img.size
+        if self.sizes:  # its bucket: resized to cover it (never up: a small picture's bucket is its size)
+            scale = max(H / h, W / w)
+            img = tvf.resize(img, [max(H, round(h * scale)), max(W, round(w * scale))],
+                             interpolation=tvf.InterpolationMode.BILINEAR)
+        else:  # the short side -> R
+            img = tvf.resize(img, H, interpolation=tvf.InterpolationMode.BILINEAR)
         if self.center_crop:  # (torchvision's CenterCrop rounding)
-            top, left = round((img.height - R) / 2), round((img.width - R) / 2)
+            top, left = round((img.height - H) / 2), round((img.width - W) / 2)
         else:
-            top, left, _, _ = transforms.RandomCrop.get_params(img, (R, R))
-        pixels = tvf.to_tensor(tvf.crop(img, top, left, R, R))  # (3, R, R) in [0, 1]
+            top, left, _, _ = transforms.RandomCrop.get_params(img, (H, W))
+        pixels = tvf.to_tensor(tvf.crop(img, top, left, H, W))  # (3, H, W) in [0, 1]
         pixels = tvf.normalize(pixels, [0.5], [0.5])  # -> [-1, 1], the range the VAE was trained on
         if flip:  # the mirror image, and where its crop sits in the mirrored picture
-            pixels, left = pixels.flip(-1), img.width - left - R
+            pixels, left = pixels.flip(-1), img.width - left - W
         dropped = caption_dropped(seed, self.caption_dropout)
         ids = self.empty_ids if dropped else self.input_ids[i]
         return {"pixel_values": pixels, "input_ids": ids, "seed": seed,
-                "time_ids": torch.tensor([h, w, top, left, R, R], dtype=torch.float32),
+                "time_ids": torch.tensor([h, w, top, left, H, W], dtype=torch.float32),
                 "caption_dropped": torch.tensor(dropped), "loss_weight": torch.tensor(1.0)}
 
 
@@ -605,6 +634,9 @@ class CachedLatents(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def target_size(self, i):
+        return tuple(int(v) for v in self.time_ids[self.rows[i]][0, 4:])  # (target height, width)
+
     def __getitem__(self, item):
         i, flip, seed = item if isinstance(item, tuple) else (item, False, 0)
         r = self.rows[i]
@@ -615,8 +647,8 @@ class CachedLatents(torch.utils.data.Dataset):
         else:
             text = {"input_ids": self.input_ids[text_row]}
         view = int(flip)  # view 1 = the mirrored image
-        return {"latent_mean": self.mean[r, view], "latent_std": self.std[r, view], **text, "seed": seed,
-                "time_ids": self.time_ids[r, view], "caption_dropped": torch.tensor(dropped),
+        return {"latent_mean": self.mean[r][view], "latent_std": self.std[r][view], **text, "seed": seed,
+                "time_ids": self.time_ids[r][view], "caption_dropped": torch.tensor(dropped),
                 "loss_weight": torch.tensor(1.0)}
 
 
@@ -656,33 +688,43 @@ def cache_latents(dataset, sd, cfg, show_progress=True):
         if key not in row_of:
             row_of[key] = len(firsts)
             firsts.append(i)
-    views = []  # per view: posterior means, stds, size-and-crop ids
-    texts = []
+    # batches of one size (buckets: ASPECT_RATIO_BUCKETING), else simply in order
+    sizes = [dataset.target_size(i) for i in firsts]
+    by_size = sorted(range(len(firsts)), key=lambda r: sizes[r])
+    batches = [group[j:j + cfg.BATCH_SIZE] for _, rows in itertools.groupby(by_size, key=lambda r: sizes[r])
+               for group in [list(rows)] for j in range(0, len(group), cfg.BATCH_SIZE)]
+    views, text_rows = [], [None] * len(firsts)  # per view: each row's posterior mean, std, size-and-crop ids
     for flip in [False, True] if cfg.RANDOM_FLIP else [False]:
-        picks = [(i, flip, None) for i in firsts]  # (index, flip, no seed): every picture once, in order
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=picks,
-                                             num_workers=workers, collate_fn=collate)
-        means, stds, ids = [], [], []
-        for batch in tqdm(loader, desc="caching latents" + " (mirrored)" * flip, disable=not show_progress):
+        picks = [[(firsts[r], flip, None) for r in rows] for rows in batches]  # (index, flip, no seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=picks, num_workers=workers,
+                                             collate_fn=collate)
+        means, stds, ids = [None] * len(firsts), [None] * len(firsts), [None] * len(firsts)
+        loop = tqdm(loader, desc="caching latents" + " (mirrored)" * flip, disable=not show_progress)
+        for rows, batch in zip(batches, loop):
             mean, std = encode_images(sd.vae, batch["pixel_values"])
             if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
                 raise UserError(f"the VAE ({sd.vae.dtype}) turned pictures into NaN/inf latents — SDXL's "
                                 "VAE overflows in fp16: use --MIXED_PRECISION=bf16 or --VAE_FP32=True")
-            means.append(mean.cpu())
-            stds.append(std.cpu())
-            ids.append(batch["time_ids"])
+            text = None
             if not flip and not text_encoder_trains(sd):  # a trained text encoder changes each step: no cache
                 text = encode_prompt(sd.family, sd.text_encoders, batch["input_ids"])
-                texts.append({k: v.cpu() for k, v in text.items()})
-        views.append((torch.cat(means), torch.cat(stds), torch.cat(ids)))
-    mean, std, time_ids = (torch.stack(parts, 1) for parts in zip(*views))  # (N, views, ...)
+            for j, r in enumerate(rows):
+                means[r], stds[r], ids[r] = mean[j].cpu(), std[j].cpu(), batch["time_ids"][j]
+                if text is not None:
+                    text_rows[r] = {k: v[j].cpu() for k, v in text.items()}
+        views.append((means, stds, ids))
+    # per row (views, ...): one tensor (N, views, ...) when every picture has one size, else a list
+    mean, std, time_ids = ([torch.stack(parts) for parts in zip(*per_view)] for per_view in zip(*views))
+    mean, std, time_ids = (torch.stack(x) if len({t.shape for t in x}) == 1 else x
+                           for x in (mean, std, time_ids))
+    texts = [t for t in text_rows if t is not None]
     input_ids = dataset.input_ids[firsts]
     if dataset.caption_dropout:  # the empty caption, encoded once, as the last row (SDXL's: zeros)
         input_ids = torch.cat([input_ids, dataset.empty_ids[None]])
         if texts:
             text = encode_prompt(sd.family, sd.text_encoders, dataset.empty_ids[None], torch.tensor([True]))
-            texts.append({k: v.cpu() for k, v in text.items()})
-    text = {k: torch.cat([t[k] for t in texts]) for k in texts[0]} if texts else None  # e.g. (N, 77, d)
+            texts.append({k: v[0].cpu() for k, v in text.items()})
+    text = {k: torch.stack([t[k] for t in texts]) for k in texts[0]} if texts else None  # e.g. (N, 77, d)
     # not pinned: the DataLoader collates a new tensor per batch and pins that one (pin_memory=True)
     rows = torch.tensor([row_of[key] for key in keys])
     return CachedLatents(mean, std, time_ids, text, input_ids, dataset.caption_dropout, rows)
@@ -705,6 +747,7 @@ class ShuffledTags(torch.utils.data.Dataset):
     def __init__(self, dataset, captions, tokenizers, keep):
         self.dataset, self.captions, self.tokenizers, self.keep = dataset, captions, tokenizers, keep
         self.empty_ids = self.token_ids("")
+        self.target_size = dataset.target_size
 
     def token_ids(self, text):
         return torch.stack([tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -730,7 +773,8 @@ def validation_data(images, captions, sd, cfg):
     if not captions:
         return None
     cfg = cfg.replace(RANDOM_FLIP=False, CAPTION_DROPOUT=0.0)
-    data = CaptionedImages(images, tokenize(sd.tokenizers, captions), cfg)
+    sizes = bucket_sizes(images, cfg, log=False) if cfg.ASPECT_RATIO_BUCKETING else None
+    data = CaptionedImages(images, tokenize(sd.tokenizers, captions), cfg, sizes=sizes)
     return cache_latents(data, sd, cfg, show_progress=False) if cfg.CACHE_LATENTS else data
 
 
@@ -762,10 +806,13 @@ def make_dataloader(dataset, cfg, cuda, collate_fn=collate):
     if workers is None:  # cached latents are a tensor lookup; images need decoding
         workers = 0 if cfg.CACHE_LATENTS else min(4, max(0, (os.cpu_count() or 1) - 1))
     sampler = EpochShuffle(len(dataset), cfg.SEED, cfg.RANDOM_FLIP)
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.BATCH_SIZE, sampler=sampler,
-                                       num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
-                                       collate_fn=collate_fn,  # the generator: not the global RNG
-                                       generator=torch.Generator().manual_seed(cfg.SEED))
+    batching = dict(batch_size=cfg.BATCH_SIZE, sampler=sampler)
+    if cfg.ASPECT_RATIO_BUCKETING:  # every batch from one bucket: their latents must stack
+        sizes = [dataset.target_size(i) for i in range(len(dataset))]
+        batching = dict(batch_sampler=BucketBatches(sampler, sizes, cfg.BATCH_SIZE, cfg.SEED))
+    return torch.utils.data.DataLoader(dataset, **batching, num_workers=workers, pin_memory=cuda,
+                                       persistent_workers=workers > 0, collate_fn=collate_fn,
+                                       generator=torch.Generator().manual_seed(cfg.SEED))  # not global RNG
 
 
 # =============================================================================
@@ -841,19 +888,20 @@ def validation_loss(run):
     names = [te for _, te in run.sd.family.text_parts]
     parts = dict(zip(names, run.sd.text_encoders)) | models  # the trained ones unwrapped
     sd = replace(run.sd, unet=parts["unet"], text_encoders=tuple(parts[te] for te in names))
-    draws = range(VALIDATION_DRAWS)
-    examples = [(i, False, i * VALIDATION_DRAWS + k) for i in range(len(run.validation)) for k in draws]
+    bs, draws = run.cfg.BATCH_SIZE, VALIDATION_DRAWS
+    batches = [[(i, False, i * draws + k) for k in range(j, min(j + bs, draws))]  # one picture a batch
+               for i in range(len(run.validation)) for j in range(0, draws, bs)]
     for m in models.values():
         m.eval()
     total = 0.0
-    for start in range(0, len(examples), run.cfg.BATCH_SIZE):
-        batch = collate([run.validation[e] for e in examples[start:start + run.cfg.BATCH_SIZE]])
+    for examples in batches:
+        batch = collate([run.validation[e] for e in examples])
         batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with acc.autocast():
             total += compute_loss(batch, sd).sum().item()
     for m in models.values():
         m.train()
-    return total / len(examples)
+    return total / (len(run.validation) * draws)
 
 
 def lora_param_groups(models, cfg):
@@ -1407,6 +1455,7 @@ def main(argv):
     # --- 2. data: listed and decoded once, so a bad folder fails before any download -----
     images, captions = load_captioned_images(cfg, show_progress=accelerator.is_local_main_process)
     (images, captions), held_out = split_validation(images, captions, cfg)  # VALIDATION_SPLIT
+    sizes = bucket_sizes(images, cfg) if cfg.ASPECT_RATIO_BUCKETING else None  # each picture's (h, w) bucket
 
     # --- 3. load and freeze -----------------------------------------------------------
     set_seed(cfg.SEED)  # the same on every process, so every process starts from the same LoRA
@@ -1427,7 +1476,7 @@ def main(argv):
 
     # --- 5. encode the data once --------------------------------------------------------
     empty_ids = tokenize(sd.tokenizers, [""])[0]  # the empty caption (CAPTION_DROPOUT)
-    dataset = CaptionedImages(images, tokenize(sd.tokenizers, captions), cfg, empty_ids)
+    dataset = CaptionedImages(images, tokenize(sd.tokenizers, captions), cfg, empty_ids, sizes)
     validation = validation_data(*held_out, sd, cfg)  # the held-out pictures, or None
     if cfg.CACHE_LATENTS:
         dataset = cache_latents(dataset, sd, cfg, show_progress=accelerator.is_local_main_process)

@@ -58,6 +58,9 @@ def check_config(c):
          f"VALIDATION_SPLIT must be a fraction in (0, 1), a number of images >= 1, or None, got {split!r} — e.g. 0.1 or 20")
     number("VALIDATION_LOSS_STEPS", 1, int)
     number("KEEP_TAGS", 0, int)
+    number("BUCKET_STEP", 8, int)
+    need(c["BUCKET_STEP"] % 8 == 0, f"BUCKET_STEP must be a multiple of 8 (the VAE downsamples by 8), got "
+                                    f"{c['BUCKET_STEP']} — 64 suits every SD and SDXL UNet")
     need(isinstance(c["SEED"], int) and not isinstance(c["SEED"], bool), f"SEED must be an integer, got {c['SEED']!r}")
     need(c["SAVE_DTYPE"] in ("fp32", "fp16"), f"SAVE_DTYPE must be 'fp32' or 'fp16', got {c['SAVE_DTYPE']!r}")
     need(bool(c["OUTPUT_NAME"]) and os.sep not in c["OUTPUT_NAME"] and c["OUTPUT_NAME"] != "pytorch_lora_weights",
@@ -90,6 +93,8 @@ def check_dreambooth(c):
     number("NUM_NEW_TOKEN_VECTORS", 1, int)
     number("PRIOR_LOSS_WEIGHT", 0)
     number("EMBEDDING_LEARNING_RATE", 0, strict=True)
+    need(not c["ASPECT_RATIO_BUCKETING"], "ASPECT_RATIO_BUCKETING is for lora_complete_example.py: a subject's "
+         "pictures and the class pictures train in pairs of one size — drop --ASPECT_RATIO_BUCKETING")
     need(c["VALIDATION_SPLIT"] is None, "VALIDATION_SPLIT is for lora_complete_example.py: a subject's few pictures "
          "are all needed for training — drop --VALIDATION_SPLIT and judge by the validation pictures")
     instance, klass, token = c["INSTANCE_PROMPT"], c["CLASS_PROMPT"], c["NEW_TOKEN"]
