@@ -9,6 +9,7 @@ the only difference between them is the noise and timesteps they draw.
          same seeds, as the two processes' batches of 1 together
   two_xl, one_xl, again_xl   the same on the tiny SDXL-shaped pipeline (pooled prompt and size/crop ids
          travel with each example), half the captions dropped
+  two_b, again_b   two processes in aspect-ratio buckets, and their resume
 
 torch.compile gets its eager backend (a driver patches it before the script starts): the same
 OptimizedModule wrapper as inductor, whose C++ build of the tiny UNet took 13 minutes on this CPU.
@@ -59,7 +60,17 @@ def runs(tmp_path_factory, tiny_model_dir, xl_model):
     two_xl = finish(two_xl)
     again_xl = finish(start_script(*xl_args, f"--OUTPUT_DIR={root / 'again_xl'}",
                                    f"--RESUME_FROM={root / 'two_xl' / 'checkpoint-2'}", launch=True))
-    runs = dict(two=two, again=again, one=one, two_xl=two_xl, one_xl=one_xl, again_xl=again_xl)
+    # in buckets: 10 pictures of three shapes at 128 px, 5 steps an epoch, resumed across the epoch's end
+    (root / "mixed").mkdir()
+    for i, size in enumerate([(128, 128)] * 4 + [(256, 128)] * 3 + [(128, 256)] * 3):
+        make_shape_image(["red", "green", "blue"][i % 3], "circle", "yellow", size=size).save(root / "mixed" / f"{i}.png")
+    b_args = [*args[:1], f"--DATA_DIR={root / 'mixed'}", *args[2:], "--RESOLUTION=128", "--ASPECT_RATIO_BUCKETING=True",
+              "--MAX_TRAIN_STEPS=6", "--CHECKPOINTING_STEPS=3"]
+    two_b = finish(start_script(*b_args, f"--OUTPUT_DIR={root / 'two_b'}", launch=True))
+    again_b = finish(start_script(*b_args, f"--OUTPUT_DIR={root / 'again_b'}",
+                                  f"--RESUME_FROM={root / 'two_b' / 'checkpoint-3'}", launch=True))
+    runs = dict(two=two, again=again, one=one, two_xl=two_xl, one_xl=one_xl, again_xl=again_xl, two_b=two_b,
+                again_b=again_b)
     return runs | {"out": {k: str(root / k) for k in runs}}
 
 
@@ -126,3 +137,12 @@ def test_a_two_process_sdxl_resume_ends_with_the_weights_of_the_uninterrupted_ru
     final = lora_weights(runs["out"]["two_xl"])
     assert max_abs_diff(final, lora_weights(os.path.join(runs["out"]["two_xl"], "checkpoint-2"))) > 1e-4  # steps 3-4 trained
     assert max_abs_diff(final, lora_weights(runs["out"]["again_xl"])) <= 1e-5
+
+
+def test_a_two_process_resume_in_buckets_ends_with_the_weights_of_the_uninterrupted_run(runs):
+    """ASPECT_RATIO_BUCKETING: each process takes every other one-bucket batch; resumed at step 3 of 6 (5 a epoch)."""
+    assert "effective batch 2 = 1 x 1 accumulation x 2 process(es) | 5 steps/epoch" in runs["two_b"].stdout
+    assert re.search(r"resumed from .*checkpoint-3 at step 3", runs["again_b"].stdout)
+    final = lora_weights(runs["out"]["two_b"])
+    assert max_abs_diff(final, lora_weights(os.path.join(runs["out"]["two_b"], "checkpoint-3"))) > 1e-4
+    assert max_abs_diff(final, lora_weights(runs["out"]["again_b"])) <= 1e-5
