@@ -1,6 +1,7 @@
 """Aspect-ratio buckets (ASPECT_RATIO_BUCKETING, lora_tools/buckets.py): the bucket table and each picture's
 bucket, pictures resized to cover their bucket with their size and crop in the time ids, batches that never
 mix sizes, and an exact resume of a run in buckets."""
+import json
 import os
 import re
 
@@ -67,17 +68,31 @@ def test_batches_never_mix_bucket_sizes_and_each_epoch_sees_every_picture_once()
     assert epochs[0] != epochs[1]
 
 
-def test_a_run_in_buckets_trains_and_resumes_exactly(mixed_folder, tiny_args, tmp_path):
+def val_losses(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return {r["step"]: r["val_loss"] for r in map(json.loads, f) if "val_loss" in r}
+
+
+def test_a_run_in_buckets_trains_resumes_exactly_and_its_validation_loss_falls_and_repeats(mixed_folder, tiny_args, tmp_path):
+    """Six steps in buckets, 2 of the 10 pictures held out (VALIDATION_SPLIT), their loss at steps 0, 3 and 6 and
+    a checkpoint at 3; then RESUME_FROM=latest: the same final weights, and the same validation loss at step 6
+    (fixed noise and timesteps: the same weights give the same value)."""
     argv = tiny_args(f"--DATA_DIR={mixed_folder}", "--RESOLUTION=128", "--ASPECT_RATIO_BUCKETING=True", "--BATCH_SIZE=2",
                      "--MAX_TRAIN_STEPS=6", "--CHECKPOINTING_STEPS=3", "--LOG_EVERY=1", "--VALIDATION_SPLIT=2",
-                     "--VALIDATION_LOSS_STEPS=3", f"--OUTPUT_DIR={tmp_path / 'out'}")
+                     "--VALIDATION_LOSS_STEPS=3", "--LEARNING_RATE=1e-2", f"--OUTPUT_DIR={tmp_path / 'out'}")
     full = run_main(argv)
     table = re.search(r"aspect-ratio buckets \(height x width: pictures\): (.*)", full.log).group(1)
     counts = dict(part.split(": ") for part in table.split(", "))
     assert set(counts) == {"128x128", "64x192", "192x64"} and sum(map(int, counts.values())) == 8  # 2 held out
-    assert "trained 6 steps" in full.log and "lowest validation loss" in full.log  # held-out pictures of any shape
+    assert "validation: 2 of 10 images held out" in full.log and "trained 6 steps" in full.log
+    val = val_losses(full.out)
+    assert list(val) == [0, 3, 6] and val[6] < 0.95 * val[0]  # it learns, on pictures it never trained on
+    best = min(val, key=val.get)
+    where = {3: os.path.join(full.out, "checkpoint-3"), 6: "the final weights"}.get(best, "no checkpoint")
+    assert f"lowest validation loss: {val[best]:.4f} at step {best} ({where}); at the end: {val[6]:.4f}" in full.log
     final = lora_weights(full.out)
     again = run_main(argv + ["--RESUME_FROM=latest"])
     assert re.search(r"resumed from .*checkpoint-3 at step 3", again.log)
     assert max(maxdiff(final[k], v) for k, v in lora_weights(again.out).items()) <= 1e-5
     assert max(maxdiff(final[k], v) for k, v in lora_weights(os.path.join(full.out, "checkpoint-3")).items()) > 1e-4
+    assert val_losses(again.out) == pytest.approx(val, rel=1e-5)

@@ -80,39 +80,6 @@ def test_checkpoints_total_limit_keeps_the_newest_and_no_half_written_files(resu
     assert checkpoint_names(resume_runs["a"].out) == ["checkpoint-6", "checkpoint-9"]  # the last step is no checkpoint
 
 
-# ----------------------------------------------------------------------------- the validation loss
-@pytest.fixture(scope="module")
-def validation_runs(tmp_path_factory, tiny_args):
-    """8 steps with 2 of the 8 images held out (VALIDATION_SPLIT=2), their loss every 2 steps and a checkpoint at
-    4; then the same run continued from checkpoint-4 (RESUME_FROM=latest), which computes steps 6 and 8 again."""
-    out = tmp_path_factory.mktemp("validation") / "out"
-    argv = tiny_args("--VALIDATION_SPLIT=2", "--VALIDATION_LOSS_STEPS=2", "--MAX_TRAIN_STEPS=8", "--CHECKPOINTING_STEPS=4",
-                     "--LEARNING_RATE=1e-2", "--LOG_EVERY=1", f"--OUTPUT_DIR={out}")
-    first = run_main(argv)
-    before = metrics(str(out))
-    again = run_main(argv + ["--RESUME_FROM=latest"])
-    return first, before, again, metrics(str(out))
-
-
-def test_the_validation_loss_is_logged_falls_and_names_its_best_step(validation_runs):
-    first, before, _, _ = validation_runs
-    assert "validation: 2 of 8 images held out" in first.log and "6 images at 64px" in first.log
-    val = {r["step"]: r["val_loss"] for r in before if "val_loss" in r}
-    assert list(val) == [0, 2, 4, 6, 8]  # before training, every 2 steps, and at the end
-    assert val[8] < 0.95 * val[0]  # the run learns, and it shows on pictures it never trained on
-    best = min(val, key=val.get)
-    where = {4: os.path.join(first.out, "checkpoint-4"), 8: "the final weights"}.get(best, "no checkpoint")
-    assert f"lowest validation loss: {val[best]:.4f} at step {best} ({where}); at the end: {val[8]:.4f}" in first.log
-
-
-def test_the_validation_loss_is_the_same_for_the_same_weights_after_a_resume(validation_runs):
-    """Fixed noise and timesteps: the continued run's steps 6 and 8 give the same validation losses."""
-    _, before, again, after = validation_runs
-    assert "resumed from" in again.log
-    assert [(r["step"], r["val_loss"]) for r in after if "val_loss" in r] == pytest.approx(
-        [(r["step"], r["val_loss"]) for r in before if "val_loss" in r], rel=1e-5)
-
-
 # ----------------------------------------------------------------------------- a folder is one run's
 def snapshot(folder):
     """Every file under folder with its bytes' hash."""

@@ -4,12 +4,11 @@ captioned picture, unflipped, one image per process and step: both processes see
 the only difference between them is the noise and timesteps they draw.
 
   two    two processes, COMPILE=True, 4 steps, a checkpoint at step 2
-  again  two processes, resumed from two's checkpoint-2 (COMPILE=False: it changes no number)
   one    one process (in this process) with batches of 2: each step the same two examples, with the
          same seeds, as the two processes' batches of 1 together
   two_xl, one_xl, again_xl   the same on the tiny SDXL-shaped pipeline (pooled prompt and size/crop ids
          travel with each example), half the captions dropped
-  two_b, again_b   two processes in aspect-ratio buckets, and their resume
+  two_b, again_b   two processes in aspect-ratio buckets (with LoRA dropout), and their resume
 
 torch.compile gets its eager backend (a driver patches it before the script starts): the same
 OptimizedModule wrapper as inductor, whose C++ build of the tiny UNet took 13 minutes on this CPU.
@@ -56,21 +55,19 @@ def runs(tmp_path_factory, tiny_model_dir, xl_model):
     two = finish(two)
     two_xl = start_script(*xl_args, f"--OUTPUT_DIR={root / 'two_xl'}", launch=True)
     one_xl = run_main(xl_args + ["--BATCH_SIZE=2", f"--OUTPUT_DIR={root / 'one_xl'}"])
-    again = finish(start_script(*args, f"--OUTPUT_DIR={root / 'again'}", f"--RESUME_FROM={root / 'two' / 'checkpoint-2'}", launch=True))
     two_xl = finish(two_xl)
     again_xl = finish(start_script(*xl_args, f"--OUTPUT_DIR={root / 'again_xl'}",
                                    f"--RESUME_FROM={root / 'two_xl' / 'checkpoint-2'}", launch=True))
-    # in buckets: 10 pictures of three shapes at 128 px, 5 steps an epoch, resumed across the epoch's end
+    # a resume, in buckets: 10 pictures of three shapes at 128 px, 5 steps an epoch, resumed across its end
     (root / "mixed").mkdir()
     for i, size in enumerate([(128, 128)] * 4 + [(256, 128)] * 3 + [(128, 256)] * 3):
         make_shape_image(["red", "green", "blue"][i % 3], "circle", "yellow", size=size).save(root / "mixed" / f"{i}.png")
     b_args = [*args[:1], f"--DATA_DIR={root / 'mixed'}", *args[2:], "--RESOLUTION=128", "--ASPECT_RATIO_BUCKETING=True",
-              "--MAX_TRAIN_STEPS=6", "--CHECKPOINTING_STEPS=3"]
+              "--MAX_TRAIN_STEPS=6", "--CHECKPOINTING_STEPS=3", "--LORA_DROPOUT=0.1"]
     two_b = finish(start_script(*b_args, f"--OUTPUT_DIR={root / 'two_b'}", launch=True))
     again_b = finish(start_script(*b_args, f"--OUTPUT_DIR={root / 'again_b'}",
                                   f"--RESUME_FROM={root / 'two_b' / 'checkpoint-3'}", launch=True))
-    runs = dict(two=two, again=again, one=one, two_xl=two_xl, one_xl=one_xl, again_xl=again_xl, two_b=two_b,
-                again_b=again_b)
+    runs = dict(two=two, one=one, two_xl=two_xl, one_xl=one_xl, again_xl=again_xl, two_b=two_b, again_b=again_b)
     return runs | {"out": {k: str(root / k) for k in runs}}
 
 
@@ -95,16 +92,6 @@ def test_two_compiled_processes_write_one_plain_file_that_diffusers_loads(runs, 
 def test_a_checkpoint_keeps_each_processs_own_rng_states(runs):
     state = torch.load(os.path.join(runs["out"]["two"], "checkpoint-2", "training_state.pt"), map_location="cpu", weights_only=True)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-
-
-def test_a_two_process_resume_ends_with_the_weights_of_the_uninterrupted_run(runs):
-    """Each process restores its own RNG states: were process 1 given process 0's, it would draw
-    process 0's noise in steps 3 and 4 and end elsewhere."""
-    assert re.search(r"resumed from .*checkpoint-2 at step 2", runs["again"].stdout), runs["again"].stdout[-2000:]
-    assert "note:" not in runs["again"].stdout  # same settings, same number of processes: an exact continuation
-    final = lora_weights(runs["out"]["two"])
-    assert max_abs_diff(final, lora_weights(os.path.join(runs["out"]["two"], "checkpoint-2"))) > 1e-4  # steps 3-4 trained
-    assert max_abs_diff(final, lora_weights(runs["out"]["again"])) <= 1e-5
 
 
 def test_two_processes_train_exactly_like_one_with_twice_the_batch(runs):
@@ -140,9 +127,11 @@ def test_a_two_process_sdxl_resume_ends_with_the_weights_of_the_uninterrupted_ru
 
 
 def test_a_two_process_resume_in_buckets_ends_with_the_weights_of_the_uninterrupted_run(runs):
-    """ASPECT_RATIO_BUCKETING: each process takes every other one-bucket batch; resumed at step 3 of 6 (5 a epoch)."""
+    """Each process restores its own RNG states (LORA_DROPOUT's masks) and, in aspect-ratio buckets, takes
+    every other one-bucket batch again: resumed at step 3 of 6 (5 steps an epoch), it ends where two_b did."""
     assert "effective batch 2 = 1 x 1 accumulation x 2 process(es) | 5 steps/epoch" in runs["two_b"].stdout
     assert re.search(r"resumed from .*checkpoint-3 at step 3", runs["again_b"].stdout)
+    assert "note:" not in runs["again_b"].stdout  # same settings, same number of processes: an exact continuation
     final = lora_weights(runs["out"]["two_b"])
     assert max_abs_diff(final, lora_weights(os.path.join(runs["out"]["two_b"], "checkpoint-3"))) > 1e-4
     assert max_abs_diff(final, lora_weights(runs["out"]["again_b"])) <= 1e-5
