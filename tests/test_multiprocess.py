@@ -62,6 +62,7 @@ def runs(tmp_path_factory, tiny_model_dir, xl_model):
     (root / "mixed").mkdir()
     for i, size in enumerate([(128, 128)] * 4 + [(256, 128)] * 3 + [(128, 256)] * 3):
         make_shape_image(["red", "green", "blue"][i % 3], "circle", "yellow", size=size).save(root / "mixed" / f"{i}.png")
+        (root / "mixed" / f"{i}.txt").write_text(f"a {['red', 'green', 'blue'][i % 3]} circle on a yellow background")
     b_args = [*args[:1], f"--DATA_DIR={root / 'mixed'}", *args[2:], "--RESOLUTION=128", "--ASPECT_RATIO_BUCKETING=True",
               "--MAX_TRAIN_STEPS=6", "--CHECKPOINTING_STEPS=3", "--LORA_DROPOUT=0.1"]
     two_b = finish(start_script(*b_args, f"--OUTPUT_DIR={root / 'two_b'}", launch=True))
