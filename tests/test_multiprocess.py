@@ -6,9 +6,10 @@ the only difference between them is the noise and timesteps they draw.
   two    two processes, COMPILE=True, 4 steps, a checkpoint at step 2
   one    one process (in this process) with batches of 2: each step the same two examples, with the
          same seeds, as the two processes' batches of 1 together
-  two_xl, one_xl, again_xl   the same on the tiny SDXL-shaped pipeline (pooled prompt and size/crop ids
-         travel with each example), half the captions dropped
-  two_b, again_b   two processes in aspect-ratio buckets (with LoRA dropout), and their resume
+  two_xl, one_xl   the same on the tiny SDXL-shaped pipeline (pooled prompt and size/crop ids travel with
+         each example), 2 steps, half the captions dropped
+  two_b, again_b   two processes on the SDXL-shaped pipeline in aspect-ratio buckets (with LoRA dropout),
+         6 steps, and their resume from step 3
 
 torch.compile gets its eager backend (a driver patches it before the script starts): the same
 OptimizedModule wrapper as inductor, whose C++ build of the tiny UNet took 13 minutes on this CPU.
@@ -50,25 +51,25 @@ def runs(tmp_path_factory, tiny_model_dir, xl_model):
                            "    return _compile(model, backend='eager')\n"
                            "torch.compile = compile_eager")
     xl_args = [f"--MODEL_ID={xl_model}", *args[1:], "--CAPTION_DROPOUT=0.5"]
+    xl_args = [a for a in xl_args if not a.startswith("--MAX_TRAIN_STEPS=")] + ["--MAX_TRAIN_STEPS=2"]
     two = start_script(*args, "--COMPILE=True", f"--OUTPUT_DIR={root / 'two'}", program=driver, launch=True)
     one = run_main(args + ["--BATCH_SIZE=2", f"--OUTPUT_DIR={root / 'one'}"])  # here, while the two processes start
     two = finish(two)
     two_xl = start_script(*xl_args, f"--OUTPUT_DIR={root / 'two_xl'}", launch=True)
     one_xl = run_main(xl_args + ["--BATCH_SIZE=2", f"--OUTPUT_DIR={root / 'one_xl'}"])
     two_xl = finish(two_xl)
-    again_xl = finish(start_script(*xl_args, f"--OUTPUT_DIR={root / 'again_xl'}",
-                                   f"--RESUME_FROM={root / 'two_xl' / 'checkpoint-2'}", launch=True))
-    # a resume, in buckets: 10 pictures of three shapes at 128 px, 5 steps an epoch, resumed across its end
+    # an SDXL resume, in buckets: 10 pictures of three shapes at 128 px, 5 steps an epoch, resumed across its end
     (root / "mixed").mkdir()
     for i, size in enumerate([(128, 128)] * 4 + [(256, 128)] * 3 + [(128, 256)] * 3):
         make_shape_image(["red", "green", "blue"][i % 3], "circle", "yellow", size=size).save(root / "mixed" / f"{i}.png")
         (root / "mixed" / f"{i}.txt").write_text(f"a {['red', 'green', 'blue'][i % 3]} circle on a yellow background")
-    b_args = [*args[:1], f"--DATA_DIR={root / 'mixed'}", *args[2:], "--RESOLUTION=128", "--ASPECT_RATIO_BUCKETING=True",
+    b_args = [f"--MODEL_ID={xl_model}", f"--DATA_DIR={root / 'mixed'}", *args[2:], "--RESOLUTION=128",
+              "--ASPECT_RATIO_BUCKETING=True",
               "--MAX_TRAIN_STEPS=6", "--CHECKPOINTING_STEPS=3", "--LORA_DROPOUT=0.1"]
     two_b = finish(start_script(*b_args, f"--OUTPUT_DIR={root / 'two_b'}", launch=True))
     again_b = finish(start_script(*b_args, f"--OUTPUT_DIR={root / 'again_b'}",
                                   f"--RESUME_FROM={root / 'two_b' / 'checkpoint-3'}", launch=True))
-    runs = dict(two=two, one=one, two_xl=two_xl, one_xl=one_xl, again_xl=again_xl, two_b=two_b, again_b=again_b)
+    runs = dict(two=two, one=one, two_xl=two_xl, one_xl=one_xl, two_b=two_b, again_b=again_b)
     return runs | {"out": {k: str(root / k) for k in runs}}
 
 
@@ -112,7 +113,7 @@ def test_two_sdxl_processes_train_exactly_like_one_with_twice_the_batch(runs):
     lora_A gradients are tiny (B has only taken one step from zero) and Adam divides by their size."""
     assert "SDXL" in runs["one_xl"].log and "effective batch 2 = 1 x 1 accumulation x 2 process(es)" in runs["two_xl"].stdout
     metrics = [[json.loads(line) for line in open(os.path.join(runs["out"][k], "metrics.jsonl"))] for k in ("one_xl", "two_xl")]
-    assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [1, 2]
     for a, b in zip(*metrics):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     one, two = lora_weights(runs["out"]["one_xl"]), lora_weights(runs["out"]["two_xl"])
@@ -120,16 +121,10 @@ def test_two_sdxl_processes_train_exactly_like_one_with_twice_the_batch(runs):
     assert max(v.abs().max() for k, v in one.items() if "lora.up" in k) > 1e-4  # B (up) starts at zero: they trained
 
 
-def test_a_two_process_sdxl_resume_ends_with_the_weights_of_the_uninterrupted_run(runs):
-    assert re.search(r"resumed from .*checkpoint-2 at step 2", runs["again_xl"].stdout), runs["again_xl"].stdout[-2000:]
-    final = lora_weights(runs["out"]["two_xl"])
-    assert max_abs_diff(final, lora_weights(os.path.join(runs["out"]["two_xl"], "checkpoint-2"))) > 1e-4  # steps 3-4 trained
-    assert max_abs_diff(final, lora_weights(runs["out"]["again_xl"])) <= 1e-5
-
-
-def test_a_two_process_resume_in_buckets_ends_with_the_weights_of_the_uninterrupted_run(runs):
+def test_a_two_process_sdxl_resume_in_buckets_ends_with_the_weights_of_the_uninterrupted_run(runs):
     """Each process restores its own RNG states (LORA_DROPOUT's masks) and, in aspect-ratio buckets, takes
     every other one-bucket batch again: resumed at step 3 of 6 (5 steps an epoch), it ends where two_b did."""
+    assert "SDXL" in runs["two_b"].stdout and "aspect-ratio buckets" in runs["two_b"].stdout
     assert "effective batch 2 = 1 x 1 accumulation x 2 process(es) | 5 steps/epoch" in runs["two_b"].stdout
     assert re.search(r"resumed from .*checkpoint-3 at step 3", runs["again_b"].stdout)
     assert "note:" not in runs["again_b"].stdout  # same settings, same number of processes: an exact continuation
