@@ -211,7 +211,7 @@ def test_processes_compare_stop_flags_only_at_sync_points(mine, other):
 
 
 # ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
-def stopped_run(tiny_args, out, signum):
+def stopped_run(tiny_args, out, signum, *extra):
     """The script run as __main__ (conftest.run_as_main) for 5000 steps; once it has logged its first
     step, this process sends itself `signum` (Ctrl-C is SIGINT; `kill`, Slurm and docker stop send SIGTERM)."""
 
@@ -224,7 +224,7 @@ def stopped_run(tiny_args, out, signum):
             time.sleep(0.05)
 
     threading.Thread(target=signal_once_training, daemon=True).start()
-    args = tiny_args("--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", "--LOG_EVERY=1", f"--OUTPUT_DIR={out}")
+    args = tiny_args("--MAX_TRAIN_STEPS=5000", "--CHECKPOINTING_STEPS=None", "--LOG_EVERY=1", f"--OUTPUT_DIR={out}", *extra)
     return run_as_main(SCRIPT, *args), args
 
 
@@ -255,9 +255,10 @@ def test_ctrl_c_checkpoints_prints_the_resume_command_and_it_works(tiny_args, tm
     assert (out / lce.WEIGHTS_NAME).is_file() and (out / "test_generation.png").is_file()
 
 
-def test_sigterm_checkpoints_and_exits_143(tiny_args, tmp_path):
+def test_sigterm_checkpoints_and_exits_143_on_sdxl_too(tiny_args, tmp_path, xl_model):
     out = tmp_path / "out"
-    r, _ = stopped_run(tiny_args, out, signal.SIGTERM)
+    r, _ = stopped_run(tiny_args, out, signal.SIGTERM, f"--MODEL_ID={xl_model}")
+    assert "SDXL" in r.stdout
     assert r.returncode == 143 and "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
     parse_stop(r.stdout, out)
 
