@@ -383,6 +383,7 @@ def split_validation(images, captions, cfg):
     order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(cfg.SEED)).tolist()
     held = {unique[j] for j in order[:n]}
     sides = [[i for i, k in enumerate(keys) if (k in held) == side] for side in (False, True)]
+
     def pick(idx):
         return images.select(idx) if isinstance(images, HubImages) else [images[i] for i in idx]
 

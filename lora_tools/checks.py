@@ -95,6 +95,8 @@ def check_dreambooth(c):
     number("EMBEDDING_LEARNING_RATE", 0, strict=True)
     need(not c["ASPECT_RATIO_BUCKETING"], "ASPECT_RATIO_BUCKETING is for lora_complete_example.py: a subject's "
          "pictures and the class pictures train in pairs of one size — drop --ASPECT_RATIO_BUCKETING")
+    need(not c["SHUFFLE_CAPTION_TAGS"], "SHUFFLE_CAPTION_TAGS is for lora_complete_example.py: here every picture "
+         "trains with INSTANCE_PROMPT — drop --SHUFFLE_CAPTION_TAGS")
     need(c["VALIDATION_SPLIT"] is None, "VALIDATION_SPLIT is for lora_complete_example.py: a subject's few pictures "
          "are all needed for training — drop --VALIDATION_SPLIT and judge by the validation pictures")
     instance, klass, token = c["INSTANCE_PROMPT"], c["CLASS_PROMPT"], c["NEW_TOKEN"]

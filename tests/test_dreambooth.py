@@ -256,6 +256,8 @@ def test_resume_with_a_new_token_is_exact(dreambooth_runs):
     (["--PRIOR_LOSS_WEIGHT=-1"], "PRIOR_LOSS_WEIGHT must be"),
     (["--NUM_NEW_TOKEN_VECTORS=0"], "NUM_NEW_TOKEN_VECTORS must be"),
     (["--VALIDATION_SPLIT=0.2"], "VALIDATION_SPLIT is for lora_complete_example.py"),
+    (["--ASPECT_RATIO_BUCKETING=True"], "ASPECT_RATIO_BUCKETING is for lora_complete_example.py"),
+    (["--SHUFFLE_CAPTION_TAGS=True"], "SHUFFLE_CAPTION_TAGS is for lora_complete_example.py"),
 ])
 def test_settings_that_do_not_fit_together_are_one_line_errors(tiny_args, extra, message):
     with pytest.raises(UserError, match=message):
