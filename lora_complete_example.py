@@ -351,14 +351,21 @@ def load_captioned_images(cfg, show_progress=True, captions_needed=True):
     return images, [captions[i] for i in kept]
 
 
+def picture_keys(images):
+    """One key per example, the same for a file listed several times (kohya's repeats): its path, else
+    its index (a hub row, a picture in memory)."""
+    if not isinstance(images, list):
+        return list(range(len(images)))
+    return [img if isinstance(img, str) else i for i, img in enumerate(images)]
+
+
 def bucket_sizes(images, cfg, log=True):
     """ASPECT_RATIO_BUCKETING: each picture's (height, width) bucket, from its size (lora_tools/buckets.py);
     the table of buckets printed once."""
     known, sizes = {}, []
-    for i in range(len(images)):
-        img = images[i]
-        key = img if isinstance(img, str) else i
+    for i, key in enumerate(picture_keys(images)):
         if key not in known:
+            img = images[i]
             size = (open_image(img) if isinstance(img, str) else to_rgb(img)).size  # (width, height)
             known[key] = pick_bucket(*size, cfg.RESOLUTION, cfg.BUCKET_STEP)
         sizes.append(known[key])
@@ -372,8 +379,7 @@ def split_validation(images, captions, cfg):
     (a fraction, or a number) are picked by SEED; a picture listed several times stays on one side."""
     if cfg.VALIDATION_SPLIT is None:
         return (images, captions), ([], [])
-    keys = [img if isinstance(img, str) else i for i, img in enumerate(images)] if isinstance(images, list) \
-        else list(range(len(images)))
+    keys = picture_keys(images)
     unique = list(dict.fromkeys(keys))
     split = cfg.VALIDATION_SPLIT
     n = max(1, round(split * len(unique))) if isinstance(split, float) else split
@@ -682,8 +688,7 @@ def cache_latents(dataset, sd, cfg, show_progress=True):
     """Run the frozen encoders once over the data: each picture, and its mirror image when RANDOM_FLIP.
     A file listed several times (kohya's <repeats>_<name>/ folders) is encoded and kept once."""
     workers = min(4, max(0, (os.cpu_count() or 1) - 1))
-    images = dataset.images if isinstance(dataset.images, list) else range(len(dataset))
-    keys = [img if isinstance(img, str) else i for i, img in enumerate(images)]
+    keys = picture_keys(dataset.images)
     row_of, firsts = {}, []  # each picture's row in the cache, and the first example showing it
     for i, key in enumerate(keys):
         if key not in row_of:
@@ -695,6 +700,8 @@ def cache_latents(dataset, sd, cfg, show_progress=True):
     batches = [group[j:j + cfg.BATCH_SIZE] for _, rows in itertools.groupby(by_size, key=lambda r: sizes[r])
                for group in [list(rows)] for j in range(0, len(group), cfg.BATCH_SIZE)]
     views, text_rows = [], [None] * len(firsts)  # per view: each row's posterior mean, std, size-and-crop ids
+    # a trained text encoder, or shuffled tags, change a prompt's encoding every step: nothing to cache
+    prompt_changes = text_encoder_trains(sd) or cfg.SHUFFLE_CAPTION_TAGS
     for flip in [False, True] if cfg.RANDOM_FLIP else [False]:
         picks = [[(firsts[r], flip, None) for r in rows] for rows in batches]  # (index, flip, no seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=picks, num_workers=workers,
@@ -707,7 +714,7 @@ def cache_latents(dataset, sd, cfg, show_progress=True):
                 raise UserError(f"the VAE ({sd.vae.dtype}) turned pictures into NaN/inf latents — SDXL's "
                                 "VAE overflows in fp16: use --MIXED_PRECISION=bf16 or --VAE_FP32=True")
             text = None
-            if not flip and not text_encoder_trains(sd):  # a trained text encoder changes each step: no cache
+            if not flip and not prompt_changes:
                 text = encode_prompt(sd.family, sd.text_encoders, batch["input_ids"])
             for j, r in enumerate(rows):
                 means[r], stds[r], ids[r] = mean[j].cpu(), std[j].cpu(), batch["time_ids"][j]
@@ -742,12 +749,11 @@ def shuffle_tags(caption, seed, keep):
 
 class ShuffledTags(torch.utils.data.Dataset):
     """The examples of `dataset` with their captions' tags shuffled (shuffle_tags) and tokenized for this
-    draw: a prompt that changes every time has no fixed encoding to cache, so the text encoders run at
-    every step (compute_loss encodes the token ids). A dropped caption stays the empty one."""
+    draw: a prompt that changes every time has no fixed encoding to cache (cache_latents keeps token ids),
+    so the text encoders run at every step (compute_loss encodes them). A dropped caption stays empty."""
 
     def __init__(self, dataset, captions, tokenizers, keep):
         self.dataset, self.captions, self.tokenizers, self.keep = dataset, captions, tokenizers, keep
-        self.empty_ids = self.token_ids("")
         self.target_size = dataset.target_size
 
     def token_ids(self, text):
@@ -759,11 +765,8 @@ class ShuffledTags(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, flip, seed = item if isinstance(item, tuple) else (item, False, 0)
-        cached = ("encoder_hidden_states", "text_embeds")
-        example = {k: v for k, v in self.dataset[(i, flip, seed)].items() if k not in cached}
-        if example["caption_dropped"]:
-            example["input_ids"] = self.empty_ids
-        else:
+        example = self.dataset[(i, flip, seed)]
+        if not example["caption_dropped"]:  # (a dropped one holds the empty caption's ids already)
             example["input_ids"] = self.token_ids(shuffle_tags(self.captions[i], seed, self.keep))
         return example
 

@@ -173,7 +173,8 @@ def measure(spec):
     unet = sd.unet
     cfg = lce.resolve_config([f"--RESOLUTION={res}", f"--BATCH_SIZE={bs}", "--GRADIENT_ACCUMULATION_STEPS=1",
                               f"--LORA_RANK={spec['lora_rank']}", f"--LORA_ALPHA={spec['lora_rank']}",
-                              f"--CACHE_LATENTS={mode in ('b', 't')}", f"--GRADIENT_CHECKPOINTING={spec['gradient_checkpointing']}",
+                              f"--CACHE_LATENTS={mode in ('b', 't')}", f"--SHUFFLE_CAPTION_TAGS={mode == 't'}",
+                              f"--GRADIENT_CHECKPOINTING={spec['gradient_checkpointing']}",
                               "--RANDOM_FLIP=True", "--DATALOADER_NUM_WORKERS=0"], )
     lora_params = lce.add_lora(unet, cfg, cfg.TARGET_MODULES)
     if cfg.GRADIENT_CHECKPOINTING:
