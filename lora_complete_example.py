@@ -94,6 +94,7 @@ MAX_TRAIN_SAMPLES = None  # use only the first N images (quick experiments); Non
 RESOLUTION = None  # training size in pixels, a multiple of 8; None = the model's own (SD1.5 512, SDXL 1024)
 ASPECT_RATIO_BUCKETING = False  # True = each picture near its own shape (~RESOLUTION² pixels), not a square
 BUCKET_STEP = 64  # with buckets: their sides are multiples of this (64 suits every SD and SDXL UNet)
+BUCKET_UPSCALE = False  # with buckets: True = pictures under RESOLUTION² px are scaled up to a full bucket
 CENTER_CROP = True  # True = center crop after resizing; False = random crop (needs CACHE_LATENTS=False)
 RANDOM_FLIP = True  # random horizontal flips (a cheap 2x augmentation)
 CACHE_LATENTS = True  # encode every image and caption once, before training (the encoders are frozen)
@@ -367,7 +368,7 @@ def bucket_sizes(images, cfg, log=True):
         if key not in known:
             img = images[i]
             size = (open_image(img) if isinstance(img, str) else to_rgb(img)).size  # (width, height)
-            known[key] = pick_bucket(*size, cfg.RESOLUTION, cfg.BUCKET_STEP)
+            known[key] = pick_bucket(*size, cfg.RESOLUTION, cfg.BUCKET_STEP, cfg.BUCKET_UPSCALE)
         sizes.append(known[key])
     if log:
         print0(f"aspect-ratio buckets (height x width: pictures): {describe_buckets(sizes)}")

@@ -6,7 +6,8 @@ close to 1024² pixels as possibly, varying height and width accordingly in mult
   UNet's downsampling), from resolution/2 to 2·resolution, each as large as fits in resolution² pixels;
 - a picture goes to the bucket whose aspect ratio is nearest its own (in log ratio); it is resized to
   cover the bucket and cropped to it (centre, or random), so at most a sliver is cut, not a third;
-- a picture smaller than resolution² is not scaled up: its bucket is its own size, rounded down to `step`;
+- a picture smaller than resolution² is not scaled up: its bucket is its own size, rounded down to `step`
+  (kohya's bucket_no_upscale); with upscale=True it goes to a full-size bucket like any other;
 - every batch holds pictures of one bucket (their latents must stack), the batches in a random order.
 
     table = bucket_table(512)                     [(256, 1024), ..., (512, 512), ..., (1024, 256)]
@@ -31,10 +32,10 @@ def bucket_table(resolution, step=64):
     return sorted(table)
 
 
-def pick_bucket(width, height, resolution, step=64):
+def pick_bucket(width, height, resolution, step=64, upscale=False):
     """(height, width) of the bucket for a picture of this size: the nearest aspect ratio; a picture of
-    fewer than resolution² pixels keeps its size, rounded down to `step` (it is never scaled up)."""
-    if width * height < resolution * resolution:
+    fewer than resolution² pixels keeps its size, rounded down to `step`, unless `upscale`."""
+    if width * height < resolution * resolution and not upscale:
         return max(step, height // step * step), max(step, width // step * step)
     ratio = math.log(width / height)
     return min(bucket_table(resolution, step), key=lambda b: (abs(math.log(b[1] / b[0]) - ratio), -b[0] * b[1]))

@@ -25,6 +25,7 @@ def test_the_bucket_table_and_each_pictures_bucket():
     assert pick_bucket(1024, 1536, 512) == (640, 384)
     assert pick_bucket(2048, 2048, 512) == (512, 512)
     assert pick_bucket(300, 200, 512) == (192, 256)  # smaller than 512²: its own size, never scaled up
+    assert pick_bucket(300, 200, 512, upscale=True) == (384, 640)  # unless asked: a full bucket of its ratio
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,14 @@ def test_pictures_fill_their_bucket_with_their_size_and_crop_in_the_time_ids(mix
     assert item["pixel_values"].shape == (3, 64, 192)
     assert item["time_ids"].tolist() == [128, 256, 16, 0, 64, 192]  # (original h, w, crop top, left, target h, w)
     assert ds[(wide, True, 0)]["time_ids"].tolist() == [128, 256, 16, 0, 64, 192]  # the full width: mirrored, still 0
+    # at 256 px the pictures are smaller than a bucket: they keep their size, unless BUCKET_UPSCALE
+    bigger = dict(ASPECT_RATIO_BUCKETING=True, RESOLUTION=256)
+    assert set(lce.bucket_sizes(images, cfg.replace(**bigger), log=False)) == {(128, 128), (128, 256), (256, 128)}
+    upscaled = cfg.replace(**bigger, BUCKET_UPSCALE=True)
+    sizes = lce.bucket_sizes(images, upscaled, log=False)
+    assert set(sizes) == {(256, 256), (192, 320), (320, 192)}
+    ds = lce.CaptionedImages(images, torch.zeros(len(images), 1, 77, dtype=torch.long), upscaled, sizes=sizes)
+    assert ds[(wide, False, 0)]["pixel_values"].shape == (3, 192, 320)
 
 
 def test_batches_never_mix_bucket_sizes_and_each_epoch_sees_every_picture_once():
