@@ -70,7 +70,7 @@ from lora_tools.checks import (check_config, check_demo_base, check_environment,
                                check_paths, explain_load_error)
 from lora_tools.config import Config, UserError, parse_overrides
 from lora_tools.data import (CAPTION_COLUMN_GUESSES, IMAGE_COLUMN_GUESSES, HubImages, open_image, pick_column,
-                             read_folder, to_rgb)
+                             picture_size, read_folder, to_rgb)
 from lora_tools.family import Family, detect, encode_prompt, native_resolution, unet_conditioning
 from lora_tools.files import atomic_path, atomic_write_text
 from lora_tools.kohya import kohya_metadata, save_kohya_file
@@ -366,9 +366,8 @@ def bucket_sizes(images, cfg, log=True):
     known, sizes = {}, []
     for i, key in enumerate(picture_keys(images)):
         if key not in known:
-            img = images[i]
-            size = (open_image(img) if isinstance(img, str) else to_rgb(img)).size  # (width, height)
-            known[key] = pick_bucket(*size, cfg.RESOLUTION, cfg.BUCKET_STEP, cfg.BUCKET_UPSCALE)
+            width, height = picture_size(images[i])  # from the header: the check above decoded it once
+            known[key] = pick_bucket(width, height, cfg.RESOLUTION, cfg.BUCKET_STEP, cfg.BUCKET_UPSCALE)
         sizes.append(known[key])
     if log:
         print0(f"aspect-ratio buckets (height x width: pictures): {describe_buckets(sizes)}")

@@ -4,6 +4,7 @@
 8-bit RGB picture a person would see. `read_folder` lists a folder's images with their captions
 (metadata.jsonl / metadata.csv as `datasets`' imagefolder reads them, or same-name .txt files).
 """
+import contextlib
 import csv
 import json
 import os
@@ -44,6 +45,17 @@ def open_image(path):
     with Image.open(path) as im:
         im.load()
         return to_rgb(im)
+
+
+def picture_size(img):
+    """(width, height) of a picture as it looks on screen (EXIF orientation applied), from its file's
+    header or an unloaded PIL image: nothing is decoded (the check at loading decoded it once)."""
+    from PIL import Image
+
+    with (Image.open(img) if isinstance(img, str) else contextlib.nullcontext(img)) as im:
+        width, height = im.size
+        turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF Orientation: stored a quarter turn away
+    return (height, width) if turned else (width, height)
 
 
 def _read_metadata(folder):

@@ -28,6 +28,22 @@ def test_the_bucket_table_and_each_pictures_bucket():
     assert pick_bucket(300, 200, 512, upscale=True) == (384, 640)  # unless asked: a full bucket of its ratio
 
 
+def test_a_pictures_size_comes_from_its_header_turned_as_exif_says(tmp_path):
+    """Buckets are chosen from each file's header (no second decode), as the picture looks on screen."""
+    from PIL import Image
+
+    from lora_tools.data import open_image, picture_size
+
+    for orientation in (1, 6):  # 6: stored a quarter turn away, as phones do
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = str(tmp_path / f"{orientation}.jpg")
+        Image.new("RGB", (256, 128), "red").save(path, exif=exif)
+        assert picture_size(path) == open_image(path).size == ((256, 128) if orientation == 1 else (128, 256))
+        with Image.open(path) as im:  # a picture in memory (a hub dataset's row), not yet decoded
+            assert picture_size(im) == open_image(path).size
+
+
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory):
     """Ten pictures of three shapes: 4 square (128 x 128), 3 wide (256 x 128), 3 tall (128 x 256)."""
