@@ -74,7 +74,7 @@ from lora_tools.data import (CAPTION_COLUMN_GUESSES, IMAGE_COLUMN_GUESSES, HubIm
 from lora_tools.family import Family, detect, encode_prompt, native_resolution, unet_conditioning
 from lora_tools.files import atomic_path, atomic_write_text
 from lora_tools.kohya import kohya_metadata, save_kohya_file
-from lora_tools.machine import keep_host_memory
+from lora_tools.machine import host_memory_peak, keep_host_memory
 from lora_tools.pictures import (comparison_image, image_grid, read_metrics, save_loss_curve,
                                  save_spectrum_plot)
 from lora_tools.spectrum import lora_updates, spectrum_table
@@ -225,6 +225,7 @@ def start(cfg):
     `accelerate launch`), the dtype of the frozen weights, the model's family and size, the demo's
     data, and every check. Returns (cfg with RESOLUTION known, accelerator, weight dtype, family)."""
     check_environment(cfg)
+    PHASE_PEAKS.clear()
     for library in (diffusers, transformers):  # our progress bars are the ones worth watching
         library.utils.logging.disable_progress_bar()
     cuda = torch.cuda.is_available()
@@ -264,17 +265,20 @@ def start(cfg):
     return cfg, accelerator, DTYPES[mixed_precision], family
 
 
-def peak_memory_text(accelerator, phase):
-    """Peak memory since the last call: on a GPU what tensors held (torch.cuda.max_memory_allocated;
-    the caching allocator reserves somewhat more), on a CPU the process's resident-set high-water mark."""
-    if accelerator.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        return f"peak GPU memory allocated while {phase}: {peak / 2**30:.2f} GB"
-    import resource  # Unix only
+PHASE_PEAKS = {}  # this run's peak memory per phase, in bytes: peak_memory_text fills it, start() empties it
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return f"peak host memory (RSS) so far: {peak / 2**30:.2f} GB"
+
+def peak_memory_text(accelerator, phase):
+    """Peak memory while `phase` ran (since the previous call): on a GPU what tensors held
+    (torch.cuda.max_memory_allocated; the caching allocator reserves somewhat more), on a CPU the
+    process's resident set (its high-water mark, which Linux lets us reset phase by phase)."""
+    if accelerator.device.type == "cuda":
+        peak, what = torch.cuda.max_memory_allocated(), "GPU memory allocated"
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        peak, what = host_memory_peak(), "host memory (RSS)"
+    PHASE_PEAKS[phase] = peak
+    return f"peak {what} while {phase}: {peak / 2**30:.2f} GB"
 
 
 def check_resume(path, cfg, settings=SHAPE_SETTINGS):
@@ -1488,7 +1492,7 @@ def main(argv):
         if not text_encoder_trains(sd) and not cfg.SHUFFLE_CAPTION_TAGS:
             sd.text_encoders = tuple(None for _ in sd.text_encoders)
         free_memory()
-        print0(peak_memory_text(accelerator, "caching latents"))
+        print0(peak_memory_text(accelerator, "loading and caching"))
     if cfg.SHUFFLE_CAPTION_TAGS:  # tags in a new order every time: the prompt is encoded at every step
         dataset = ShuffledTags(dataset, captions, sd.tokenizers, cfg.KEEP_TAGS)
 
@@ -1536,7 +1540,8 @@ def main(argv):
             merge_and_save(load_pipeline_with_lora(cfg, family, cfg.OUTPUT_DIR, torch.float32), folder,
                            SAVE_DTYPES[cfg.SAVE_DTYPE])
             print0(f"merged pipeline (LoRA fused into the weights, {cfg.SAVE_DTYPE}): {folder}")
-        print0(f"whole run: {peak_memory_text(accelerator, 'rendering')}")
+        print0(f"{peak_memory_text(accelerator, 'rendering')}; "
+               f"whole run: {max(PHASE_PEAKS.values()) / 2**30:.2f} GB")
     accelerator.end_training()
 
 

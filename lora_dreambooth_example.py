@@ -283,7 +283,7 @@ def main(argv):
         if not lce.text_encoder_trains(sd):
             sd.text_encoders = tuple(None for _ in sd.text_encoders)
         free_memory()
-        print0(lce.peak_memory_text(accelerator, "caching latents"))
+        print0(lce.peak_memory_text(accelerator, "loading and caching"))
     if class_paths:  # each item: a subject example and a class example, weighted as Eq. (2) wants
         dataset = PairedImages(dataset, class_dataset, cfg.PRIOR_LOSS_WEIGHT)
 
@@ -342,7 +342,8 @@ def main(argv):
             lce.merge_and_save(load_pipeline_with_lora(cfg, family, cfg.OUTPUT_DIR, torch.float32), folder,
                                lce.SAVE_DTYPES[cfg.SAVE_DTYPE])
             print0(f"merged pipeline (LoRA fused, {cfg.SAVE_DTYPE}; with the token): {folder}")
-        print0(f"whole run: {lce.peak_memory_text(accelerator, 'rendering')}")
+        print0(f"{lce.peak_memory_text(accelerator, 'rendering')}; "
+               f"whole run: {max(lce.PHASE_PEAKS.values()) / 2**30:.2f} GB")
     accelerator.end_training()
 
 

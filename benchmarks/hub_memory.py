@@ -58,7 +58,7 @@ def peak_of_run(dataset, out, cache):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         sys.exit(f"the run failed:\n{r.stderr[-3000:]}")
-    found = re.findall(r"whole run: peak host memory \(RSS\) so far: ([\d.]+) GB", r.stdout)
+    found = re.findall(r"whole run: ([\d.]+) GB", r.stdout)
     cached = re.findall(r"(\d+) images at 64px", r.stdout)
     return float(found[-1]), int(cached[-1])
 

@@ -1,4 +1,5 @@
-"""Machine tuning that is no part of the LoRA story: glibc's allocator policy for CPU runs."""
+"""Machine details that are no part of the LoRA story: glibc's allocator policy for CPU runs, and
+reading a CPU run's peak memory phase by phase."""
 
 
 def keep_host_memory():
@@ -18,3 +19,21 @@ def keep_host_memory():
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from <malloc.h>
     big = 2**30  # 1 GiB: larger than any single activation block we free and reallocate
     return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
+
+
+def host_memory_peak():
+    """This process's resident-set high-water mark in bytes since the previous call. Linux keeps it
+    as VmHWM and resets it when 5 is written to /proc/self/clear_refs, which gives each phase of a
+    run its own peak; elsewhere (or where that file is closed) it is the peak of the whole process."""
+    import platform
+    import resource  # Unix only
+
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))  # kB
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak
+    except (OSError, StopIteration):
+        unit = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
