@@ -11,14 +11,17 @@ text encoder and the UNet together with the denoising loss of lora_complete_exam
 with 10% of the captions dropped so that classifier-free guidance works (Ho & Salimans 2022).
 
 Its text encoder is a CLIPTextModel with no transformer layers: each word's vector is its token embedding
-plus its position's, layer-normed, the same in every caption. A first version had two attention layers;
-its UNet then read a shape's colour from the vectors *after* the colour word, which mix in the whole
-caption. `python benchmarks/colour_probe.py` on the demo_base/ of commit 2078d88: swapping the colour
-word's vector alone gave 0% of pictures in the other colour, swapping the vectors after it 77% (on this
-one: 100% and 0%). So "purple" meant something different in every caption, and the demo's LoRA, trained
-on purple circles and squares, drew purple on 0% of the held-out purple pictures (on this base: 46%).
-Real CLIP, trained on 400M captions, gives a word a meaning that survives its context; a tiny one,
-trained on 50 captions, did not.
+plus its position's, layer-normed, the same in every caption. A first version had two attention layers.
+CLIP's text attention is causal (a token takes in only itself and the tokens before it), so the colour
+word's own vector, the second word of every caption, was still the same wherever that colour appeared;
+but the UNet had learned to read a shape's colour from the vectors *after* the colour word, which mix the
+colour with the shape and the background. `python benchmarks/colour_probe.py` on the demo_base/ of commit
+2078d88: swapping the colour word's vector alone gave 0% of pictures in the other colour, swapping the
+vectors after it 77% (on this one: 100% and 0%). So what the demo's LoRA learned from purple circles and
+squares sat in the vectors of "purple circle ..." and "purple square ...", not in those of "purple
+triangle ...": it drew purple on 0% of the held-out purple pictures (on this base: 46%). Real CLIP was
+trained on "400 million (image, text) pairs" (Radford et al. 2021, Sec. 2.2); that this gives a word a
+meaning which carries over to new combinations is our hypothesis, not measured here.
 
 At the end it prints how often the model draws what a prompt asks for, judged by
 lora_tools.shapes.describe, on prompts it was trained on and on held-out combinations it never saw.

@@ -1,11 +1,12 @@
-"""The documents are tested like the code: README.md, the tutorial and the quick reference.
+"""The documents are tested like the code: README.md, the tutorial, its appendices and the quick reference.
 
 (a) every ```python block runs, in a fresh namespace, against the tiny demo pipeline and two tiny
     LoRAs trained by the script (conftest.two_loras); a few textual substitutions turn the real
     model id, the output folders, fp16 and CUDA into their tiny CPU equivalents (see substitute());
     a block right after `<!-- doc-test: skip (reason) -->` is skipped with that reason;
-(b) the tutorial's chapter-4 subsections are the script's numbered section banners, in order, and
-    chapter 4 opens with an exact copy of the script's compute_loss;
+(b) the tutorial's chapter-4 subsections are the script's numbered section banners, in order,
+    chapter 4 opens with an exact copy of the script's compute_loss, and the appendices hold an exact
+    copy of its training loop, train;
 (c) every `--NAME=value` and every UPPER_CASE name the documents mention is a real setting
     (or on a short allow-list), every value given is one the script accepts, and every
     hyperparameter table row states the script's real default;
@@ -23,8 +24,9 @@ import lora_dreambooth_example as ldb
 from conftest import REPO_ROOT, SCRIPT
 from lora_tools.config import UserError, parse_value
 
-DOCS = ["README.md", "diffusion_lora_finetuning_tutorial.md", "lora_quick_reference.md"]
+DOCS = ["README.md", "diffusion_lora_finetuning_tutorial.md", "lora_quick_reference.md", "diffusion_lora_appendix.md"]
 TUTORIAL = "diffusion_lora_finetuning_tutorial.md"
+APPENDIX = "diffusion_lora_appendix.md"  # the tutorial's paper details and engineering notes, moved out of chapters 1-4
 
 
 def read(name):
@@ -75,7 +77,7 @@ def prose_and_code(text):
 
 # ----------------------------------------------------------------------------- (a) python blocks
 REAL_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-COPIED_FROM_THE_SCRIPT = {"compute_loss", "train"}  # chapter 4's copies, compared with the script's
+COPIED_FROM_THE_SCRIPT = {"compute_loss", "train"}  # the copies in chapter 4 and the appendix, compared with the script's
 
 
 def substitute(code, model_dir, lora_dirs):
@@ -169,15 +171,16 @@ def chapter_4():
     return m.group(1)
 
 
-@pytest.mark.parametrize("name", ["compute_loss", "train"])
-def test_chapter_4_shows_the_real_loss_and_loop(name):
-    """Chapter 4 shows the script's compute_loss and its training loop, train(), copied: each copy must
-    be the code that runs (and is run by every test of a training run)."""
+@pytest.mark.parametrize("name, where", [("compute_loss", "chapter 4"), ("train", APPENDIX)])
+def test_chapter_4_shows_the_real_loss_and_loop(name, where):
+    """Chapter 4 shows the script's compute_loss, and the appendix its training loop, train(), copied:
+    each copy must be the code that runs (and is run by every test of a training run)."""
     source = open(SCRIPT, encoding="utf-8").read()
     node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
     real = ast.get_source_segment(source, node).strip()
-    copies = [code.strip() for lang, code, _, _ in fenced_blocks(chapter_4()) if lang == "python" and f"def {name}(" in code]
-    assert copies == [real], f"the tutorial's copy of {name} differs from the script's (copy it again)"
+    text = chapter_4() if where == "chapter 4" else read(APPENDIX)
+    copies = [code.strip() for lang, code, _, _ in fenced_blocks(text) if lang == "python" and f"def {name}(" in code]
+    assert copies == [real], f"the copy of {name} in {where} differs from the script's (copy it again)"
 
 
 def test_chapter_4_is_written():
@@ -243,7 +246,8 @@ def test_every_upper_case_name_is_a_setting(doc):
     known = set(ldb.CONFIG_KEYS) | ALLOWED_NON_CONFIG  # the core script's settings and the DreamBooth script's
     unknown = {}
     mentioned = settings_mentioned(read(doc))
-    assert len({name for name, _, _ in mentioned} & set(lce.CONFIG_KEYS)) >= 10, "the documents name settings: none found"
+    if doc != APPENDIX:  # the appendix holds what the tutorial moved out; it need not name many settings
+        assert len({name for name, _, _ in mentioned} & set(lce.CONFIG_KEYS)) >= 10, "the documents name settings: none found"
     for name, lineno, line in mentioned:
         if name in known:
             continue
@@ -284,7 +288,8 @@ def override_problems(text):
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_override_names_a_setting_and_a_valid_value(doc):
-    assert len(OVERRIDE_RE.findall(read(doc))) >= 5, f"{doc} gives --NAME=value examples: none found"
+    if doc != APPENDIX:
+        assert len(OVERRIDE_RE.findall(read(doc))) >= 5, f"{doc} gives --NAME=value examples: none found"
     problems = override_problems(read(doc))
     assert not problems, f"{doc}:\n" + "\n".join(problems)
 
@@ -366,7 +371,7 @@ def wrong_lora_pages(text):
 @pytest.mark.parametrize("doc", DOCS)
 def test_lora_page_citations_match_the_citation_sheet(doc):
     cited = {item for item, _, _ in page_citations(read(doc))} & set(LORA_PAGES)
-    assert len(cited) >= 3, f"{doc} cites the LoRA paper's pages: found only {cited}"
+    assert doc == APPENDIX or len(cited) >= 3, f"{doc} cites the LoRA paper's pages: found only {cited}"
     wrong = [f"{item[0]} {item[1]} cited on p.{pages[0]}{'–' + str(pages[-1]) if len(pages) > 1 else ''} "
              f"(the sheet says p.{LORA_PAGES[item]}): ...{clause[:120]}..."
              for item, pages, clause in page_citations(read(doc)) if item in LORA_PAGES and LORA_PAGES[item] not in pages]
@@ -382,3 +387,40 @@ def test_99_percent_is_never_presented_as_a_paper_claim(doc):
         if "99%" in paragraph:
             flat = " ".join(paragraph.split()).lower().replace("*", "")
             assert any(n in flat for n in NEGATIONS), f"{doc}: '99%' outside a denial: {paragraph[:200]!r}"
+
+
+# ----------------------------------------------------------------------------- (e) the beginner's path and the links
+def chapters_1_to_4():
+    text = read(TUTORIAL)
+    return text[text.index("\n## 1. "):text.index("\n## 5. ")]
+
+
+def test_chapters_1_to_4_stay_short():
+    """The path a beginner reads in order; paper details and engineering notes go to the appendix."""
+    assert len(chapters_1_to_4()) <= 34_000, f"chapters 1-4 have {len(chapters_1_to_4()):,} characters (at most 34,000)"
+
+
+def github_slug(heading):
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    heading = re.sub(r"[`*]", "", heading.strip()).lower()  # the rendered text: no code or emphasis marks
+    return re.sub(r"[^\w\- ]", "", heading).replace(" ", "-")
+
+
+def anchors(name):
+    text = FENCE_RE.sub("", read(name))  # a "# comment" in a code block is no heading
+    return {github_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", [TUTORIAL, APPENDIX])
+def test_internal_links_resolve(doc):
+    """Every [text](file.md#anchor) or (#anchor) link of the tutorial and its appendix names a file that
+    exists and a heading it has."""
+    broken = []
+    for target in re.findall(r"\]\((?!https?:)([^)\s]+)\)", FENCE_RE.sub("", read(doc))):
+        name, _, anchor = target.partition("#")
+        name = name or doc
+        if not os.path.isfile(os.path.join(REPO_ROOT, name)):
+            broken.append(target)
+        elif anchor and name.endswith(".md") and anchor not in anchors(name):
+            broken.append(target)
+    assert not broken, f"{doc}: links to missing files or headings: {broken}"
