@@ -3,7 +3,8 @@
 The rules (each one tested in tests/test_config.py):
 - every argument is `--NAME=value`, NAME spelled exactly like the constant; an unknown NAME is an
   error that suggests the closest names;
-- the value is split on the first `=` only, so `--VALIDATION_PROMPT=a=b` gives "a=b";
+- the value is split on the first `=` only, so `--OUTPUT_DIR=a=b` gives "a=b" (and
+  `--VALIDATION_PROMPTS=a=b` the one prompt "a=b");
 - the type must match the default: str defaults take the text as it is; bools take True/False only;
   ints take integers; floats take integers or floats (numbers also take None, which the script's
   checks accept only where a setting documents it); lists take a Python list or comma-separated
