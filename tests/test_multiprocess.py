@@ -103,7 +103,9 @@ def test_two_processes_train_exactly_like_one_with_twice_the_batch(runs):
     example, the weights would differ."""
     one, two = lora_weights(runs["out"]["one"]), lora_weights(runs["out"]["two"])
     assert "effective batch 2 = 2 x 1 accumulation x 1 process(es)" in runs["one"].log
-    assert max_abs_diff(one, two) <= 1e-5
+    # rounding of the gradient all-reduce, amplified by Adam's g/√v where a gradient is near 0: measured up
+    # to 2.7e-5 on an AMD EPYC; a real mismatch (same noise, same example) moves weights by ~lr = 1e-4
+    assert max_abs_diff(one, two) <= 5e-5
     assert max_abs_diff(one, lora_weights(os.path.join(runs["out"]["one"], "checkpoint-2"))) > 1e-4  # and they trained
 
 

@@ -188,7 +188,9 @@ def test_gradient_accumulation_gives_the_update_of_the_larger_batch(batch_splits
     for key, run in others:
         assert "2 steps/epoch, 4 steps, 2 epochs" in run.log, key
         w, m = lora_weights(run.out), metrics(run.out)
-        assert max(maxdiff(w[k], ref_w[k]) for k in w) <= 1e-5, key
+        # float rounding of another summation order, amplified by Adam's g/√v where a gradient is near 0:
+        # measured up to 1.2e-5 on an AMD EPYC, below 1e-5 elsewhere; a real mismatch moves weights by ~lr = 1e-4
+        assert max(maxdiff(w[k], ref_w[k]) for k in w) <= 5e-5, key
         assert [r["loss"] for r in m] == pytest.approx([r["loss"] for r in ref_m], rel=1e-5), key
     assert max(maxdiff(v, 0) for v in ref_w.values()) > 1e-3  # they trained
 
