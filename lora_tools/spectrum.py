@@ -74,7 +74,8 @@ def spectrum_table(updates, group=block_group, directions=None):
         if live:  # cumulative energy, padded with 1.0 past a matrix's last direction
             cum = [torch.cat([e.cumsum(0), e.new_ones(directions)])[:directions] for e in live]
             row["cumulative"] = torch.stack(cum).mean(0).tolist()
-            # effective rank = exp(entropy) of the normalised σ² (Roy & Vetterli 2007): 1 for rank 1, r for r equal σ
+            # effective rank = exp(entropy) of the energy shares σ²/Σσ²: 1 for rank 1, r for r equal σ; an
+            # energy-weighted variant of Roy & Vetterli's (2007), which take σ/‖σ‖₁
             row["effective_rank"] = sum(math.exp(-sum(p * math.log(p) for p in e.tolist() if p > 0)) for e in live) / len(live)
         rows.append(row)
     # the text: one line per group, energy columns at k = 1 ... K (K <= 8) or 1, 2, 4, ..., K
