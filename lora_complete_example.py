@@ -54,7 +54,7 @@ import diffusers
 import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ModelMixin, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, compute_snr, free_memory
+from diffusers.training_utils import cast_training_params, compute_snr
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, PeftType, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
@@ -74,7 +74,7 @@ from lora_tools.data import (CAPTION_COLUMN_GUESSES, IMAGE_COLUMN_GUESSES, HubIm
 from lora_tools.family import Family, detect, encode_prompt, native_resolution, unet_conditioning
 from lora_tools.files import atomic_path, atomic_write_text
 from lora_tools.kohya import kohya_metadata, save_kohya_file
-from lora_tools.machine import host_memory_peak, keep_host_memory
+from lora_tools.machine import free_memory, host_memory_peak, keep_host_memory
 from lora_tools.pictures import (comparison_image, image_grid, read_metrics, save_loss_curve,
                                  save_spectrum_plot)
 from lora_tools.spectrum import lora_updates, spectrum_table
@@ -1253,6 +1253,7 @@ def train(run, start_step=0, resume_rng=None):
     finally:
         stop.restore()
         progress.close()  # before any error message, so it starts on a line of its own
+    free_memory()  # the steps' activations back to the OS: the next phase's peak starts from the models
     print0(f"trained {run.max_steps - start_step} steps in {time.time() - t0:.1f}s; "
            f"{peak_memory_text(acc, 'training')}")
     return run.max_steps
@@ -1522,6 +1523,7 @@ def main(argv):
     # drop the trained models first (accelerate holds references too): one UNet in memory, not two
     del run, sd, dataset, models, trainable
     accelerator.free_memory()
+    free_memory()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         pipe = load_pipeline_with_lora(cfg, family, cfg.OUTPUT_DIR, weight_dtype).to(accelerator.device)
@@ -1540,7 +1542,7 @@ def main(argv):
             merge_and_save(load_pipeline_with_lora(cfg, family, cfg.OUTPUT_DIR, torch.float32), folder,
                            SAVE_DTYPES[cfg.SAVE_DTYPE])
             print0(f"merged pipeline (LoRA fused into the weights, {cfg.SAVE_DTYPE}): {folder}")
-        print0(f"{peak_memory_text(accelerator, 'rendering')}; "
+        print0(f"{peak_memory_text(accelerator, 'saving and rendering')}; "
                f"whole run: {max(PHASE_PEAKS.values()) / 2**30:.2f} GB")
     accelerator.end_training()
 

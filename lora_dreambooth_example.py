@@ -33,7 +33,7 @@ import time
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
-from diffusers.training_utils import cast_training_params, free_memory
+from diffusers.training_utils import cast_training_params
 from peft import TrainableTokensConfig, inject_adapter_in_model
 from safetensors.torch import load_file
 
@@ -42,6 +42,7 @@ from lora_complete_example import print0
 from lora_tools.checks import check_dreambooth
 from lora_tools.config import UserError
 from lora_tools.dreambooth import PairedImages, class_images, expand_token, save_embedding, token_names
+from lora_tools.machine import free_memory
 
 # =============================================================================
 # 1. Configuration: lora_complete_example.py's settings, and these
@@ -327,6 +328,7 @@ def main(argv):
     # --- 8. load base + LoRA (+ token) as a user would, and generate -------------------------
     del run, sd, dataset, models, trainable
     accelerator.free_memory()
+    free_memory()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         pipe = load_pipeline_with_lora(cfg, family, cfg.OUTPUT_DIR, weight_dtype).to(accelerator.device)
@@ -342,7 +344,7 @@ def main(argv):
             lce.merge_and_save(load_pipeline_with_lora(cfg, family, cfg.OUTPUT_DIR, torch.float32), folder,
                                lce.SAVE_DTYPES[cfg.SAVE_DTYPE])
             print0(f"merged pipeline (LoRA fused, {cfg.SAVE_DTYPE}; with the token): {folder}")
-        print0(f"{lce.peak_memory_text(accelerator, 'rendering')}; "
+        print0(f"{lce.peak_memory_text(accelerator, 'saving and rendering')}; "
                f"whole run: {max(lce.PHASE_PEAKS.values()) / 2**30:.2f} GB")
     accelerator.end_training()
 

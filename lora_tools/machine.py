@@ -1,5 +1,5 @@
-"""Machine details that are no part of the LoRA story: glibc's allocator policy for CPU runs, and
-reading a CPU run's peak memory phase by phase."""
+"""Machine details that are no part of the LoRA story: glibc's allocator policy for CPU runs, freeing
+memory between phases, and reading a CPU run's peak memory phase by phase."""
 
 
 def keep_host_memory():
@@ -19,6 +19,24 @@ def keep_host_memory():
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from <malloc.h>
     big = 2**30  # 1 GiB: larger than any single activation block we free and reallocate
     return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
+
+
+def free_memory():
+    """diffusers' free_memory (garbage collection, and the GPU's cache back to the driver), and on a
+    glibc CPU run the heap's free pages back to the OS (malloc_trim): between phases, so that memory
+    one phase freed (the encoders after caching, the trained model after saving) is not counted again
+    in the next phase's peak. keep_host_memory keeps it only within a phase, for the step loop's reuse."""
+    import ctypes
+    import platform
+
+    from diffusers.training_utils import free_memory as free_gc_and_gpu_cache
+
+    free_gc_and_gpu_cache()
+    if platform.system() == "Linux":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to hand back this way
+            pass
 
 
 def host_memory_peak():
