@@ -238,7 +238,6 @@ def start(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if not cuda:
-        keep_host_memory()  # glibc: reuse freed host memory instead of returning it to the OS every step
         print0("no CUDA GPU visible: training on the CPU in fp32 — fine for the demo, too slow for SD1.5")
     if cfg.DEMO:
         check_demo_base(DEMO_SETTINGS["MODEL_ID"])
@@ -1184,6 +1183,8 @@ def train(run, start_step=0, resume_rng=None):
                     disable=not acc.is_local_main_process)
     window = torch.zeros(3, device=acc.device)  # summed over the log window: loss, grad norm, steps
     t0 = time.time()
+    if acc.device.type == "cpu":
+        keep_host_memory()  # glibc: reuse freed host memory step to step (free_memory, below, undoes it)
     for m in trained:
         m.train()
     if resume_rng is not None:  # exact resume: this process's random numbers (dropout) as at the checkpoint

@@ -2,41 +2,58 @@
 memory between phases, and reading a CPU run's peak memory phase by phase."""
 
 
-def keep_host_memory():
-    """CPU training on Linux: by default glibc hands large freed blocks back to the OS and maps them
-    again at the next step (page faults every step), and the VAE's big blocks during caching change
-    that policy for the rest of the run. Keeping freed host memory for reuse makes every step run at
-    the same speed as a bare UNet step; the process keeps its peak memory, which it needs anyway."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameter ids from <malloc.h>
+_kept = False  # whether keep_host_memory changed glibc's policy in this process
+
+
+def _glibc():
+    """glibc's C library on Linux, else None (macOS, Windows, musl: their allocators are left alone)."""
     import ctypes
     import platform
 
     if platform.system() != "Linux":
-        return False
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): leave the allocator alone
+        libc.malloc_trim  # noqa: B018 (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_host_memory():
+    """For the training steps on a CPU: by default glibc hands large freed blocks back to the OS and
+    maps them again at the next step (page faults every step), and the VAE's big blocks during caching
+    change that policy for the rest of the run. Keeping freed host memory for reuse makes every step run
+    at the same speed as a bare UNet step; within the step loop the process needs that memory anyway."""
+    global _kept
+    libc = _glibc()
+    if libc is None:
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from <malloc.h>
     big = 2**30  # 1 GiB: larger than any single activation block we free and reallocate
-    return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
+    _kept = bool(libc.mallopt(M_MMAP_THRESHOLD, big)) and bool(libc.mallopt(M_TRIM_THRESHOLD, big))
+    return _kept
 
 
 def free_memory():
-    """diffusers' free_memory (garbage collection, and the GPU's cache back to the driver), and on a
-    glibc CPU run the heap's free pages back to the OS (malloc_trim): between phases, so that memory
-    one phase freed (the encoders after caching, the trained model after saving) is not counted again
-    in the next phase's peak. keep_host_memory keeps it only within a phase, for the step loop's reuse."""
-    import ctypes
-    import platform
-
+    """Between phases: diffusers' free_memory (garbage collection, and the GPU's cache back to the
+    driver), then, on a glibc CPU run, the heap's free pages back to the OS (malloc_trim) and, after
+    keep_host_memory, glibc's usual policy back (blocks over 32 MiB, the ceiling of its own adaptive
+    threshold, mapped and unmapped). So what one phase freed (the encoders after caching, the steps'
+    activations, the trained model after saving) is not counted again in the next phase's peak, and
+    rendering, which has no step loop to feed, does not pile up freed blocks picture after picture."""
+    global _kept
     from diffusers.training_utils import free_memory as free_gc_and_gpu_cache
 
     free_gc_and_gpu_cache()
-    if platform.system() == "Linux":
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to hand back this way
-            pass
+    libc = _glibc()
+    if libc is None:
+        return
+    if _kept:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20)  # twice the mmap threshold, as glibc's adaptive rule sets it
+        _kept = False
+    libc.malloc_trim(0)
 
 
 def host_memory_peak():

@@ -28,7 +28,10 @@ SCRIPT = textwrap.dedent("""
     handed_back = rss()
     phase_1 = host_memory_peak()
     phase_2 = host_memory_peak()
-    print(json.dumps(dict(start=start, kept=kept, handed_back=handed_back,
+    big = [torch.ones(16 * 2**20) for _ in range(8)]  # 8 blocks of 64 MB: over glibc's usual 32 MiB
+    del big
+    usual = rss()  # the usual policy is back: blocks this big went back to the OS when freed
+    print(json.dumps(dict(start=start, kept=kept, handed_back=handed_back, usual=usual,
                           phase_1=phase_1 / 2**30, phase_2=phase_2 / 2**30)))
 """)
 
@@ -45,3 +48,30 @@ def test_freed_memory_is_kept_within_a_phase_and_handed_back_between_phases():
     assert m["kept"] - m["handed_back"] > 0.8 * blocks_gb, m  # free_memory: and go back to the OS
     assert m["phase_1"] - m["start"] > 0.8 * blocks_gb, m  # the first phase's peak saw the blocks
     assert m["phase_2"] < m["handed_back"] + 0.1, m  # the next phase's starts from what is resident now
+    assert m["usual"] < m["handed_back"] + 0.1, m  # after free_memory big freed blocks are not kept
+
+
+def test_the_step_loop_keeps_big_blocks_and_free_memory_stops_keeping_them():
+    """The negative control of the last line above: under keep_host_memory the same 64 MB blocks stay."""
+    import json
+
+    script = textwrap.dedent("""
+        import json, torch
+        import diffusers.training_utils
+        from lora_tools.machine import keep_host_memory
+
+        def rss():
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+
+        keep_host_memory()
+        start = rss()
+        big = [torch.ones(16 * 2**20) for _ in range(8)]
+        del big
+        print(json.dumps(dict(start=start, kept=rss())))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=__file__.rsplit("/tests/", 1)[0])
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["kept"] - m["start"] > 0.4, m  # 0.5 GB freed, kept for the next step
