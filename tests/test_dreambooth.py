@@ -318,7 +318,7 @@ def dreambooth_demo(tmp_path_factory):
         return printed.getvalue(), json.load(f)
 
 
-# Measured (`python lora_dreambooth_example.py --DEMO=True`, 61 s on a 2-core CPU; 4 seeds per prompt):
+# Measured (`python lora_dreambooth_example.py --DEMO=True`, 51 s on a 2-core CPU; 4 seeds per prompt):
 #                                         base   without prior   with prior
 #   subject, trained background            0%        100%           100%
 #   subject, other backgrounds             0%         69%            94%
