@@ -8,10 +8,11 @@ metadata.jsonl folder, which both read), batch 1, rank 4, STEPS optimizer steps,
 and one test picture of 30 denoising steps at the end (the reference also renders one after its
 epoch). Each run is its own process.
 
-Peaks: our script prints its peak memory per phase (loading and caching, training, saving and rendering) and
-the whole run's, the largest of them (on the CPU, Linux's resident-set high-water mark, VmHWM,
-reset between phases). The reference prints none; its whole-run peak is the ru_maxrss the kernel
-reports for the finished process (os.wait4), the same high-water mark over the whole process.
+Peaks: our script prints its peak memory per phase (loading and caching, training, saving and
+rendering) and the whole run's, the largest of them (on the CPU, Linux's resident-set high-water
+mark, VmHWM, reset between phases). The reference prints none; its whole-run peak is the ru_maxrss
+the kernel reports for the finished process (os.wait4), the same high-water mark over the whole
+process.
 
     python benchmarks/peak_vs_reference.py --REFERENCE=path/to/train_text_to_image_lora.py
 
